@@ -1,0 +1,55 @@
+# sandboxd developer entry points. Everything runs as root on a Debian 12 host.
+SHELL := /bin/bash
+PY := /usr/bin/python3
+VENV := .venv
+# Debian packages the daemon, its jail and its tests use from the host.
+APT_PACKAGES := python3-venv python3-pip python3-seccomp python3-pystemd libseccomp2 \
+	bubblewrap nodejs ca-certificates tzdata
+CONFIG ?= etc/sandboxd/sandboxd.toml
+# Where `make run` keeps its state (dependency environments) in a dev checkout.
+DEV_STATE := $(CURDIR)/var/state
+
+.PHONY: all apt venv run test unit lint bench clean
+
+all: venv
+
+apt:
+	@missing=""; for p in $(APT_PACKAGES); do \
+		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		echo "apt: installing$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+# The venv sees Debian's python3-seccomp and python3-pystemd (system site packages).
+$(VENV)/.stamp: pyproject.toml | apt
+	$(PY) -m venv --system-site-packages $(VENV)
+	$(VENV)/bin/pip install -q --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+venv: apt $(VENV)/.stamp
+
+run: venv
+	$(VENV)/bin/sandboxd serve --config $(CONFIG) --state-dir $(DEV_STATE)
+
+test: venv
+	$(VENV)/bin/ruff check sandboxd tests bench
+	$(VENV)/bin/mypy
+	$(VENV)/bin/pytest -q -p no:cacheprovider
+
+unit: venv
+	$(VENV)/bin/pytest -q tests/unit
+
+lint: venv
+	$(VENV)/bin/ruff check sandboxd tests bench
+	$(VENV)/bin/mypy
+
+bench: venv
+	$(VENV)/bin/python -m bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info var
+
+# Targets of the packaging and VM system tests (deb, systemtest).
+-include mk/*.mk

@@ -1,0 +1,288 @@
+"""`python -m bench`: load sandboxd and the spawn-per-run baselines, print the table.
+
+Order of a run: calibrate the ~5 ms loop; start a private daemon (or use
+--socket); warm every workload up and read the daemon's idle RSS; run every
+(workload, clients) cell against the daemon; read the idle RSS again; stop the
+daemon; run the same cells against the baselines; print. Progress goes to
+stderr, the report to stdout. Exit status 1 when any run failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import trio
+
+from bench import daemon as daemons
+from bench.load import Budget, run_cell
+from bench.report import Report, ratios, render, targets, to_json
+from bench.stats import Cell, summarize, unavailable
+from bench.systems import (
+    BASELINES,
+    SANDBOXD,
+    Baseline,
+    baseline_run,
+    probe,
+    sandboxd_clients,
+)
+from bench.workloads import READY, Workload, all_workloads, calibrate_loop
+
+# The system name of the --echo stand-in's rows.
+ECHO = "echo (runs nothing)"
+# Seconds the daemon gets after a burst to refill its pools before RSS is read.
+SETTLE_SECONDS = 1.0
+# A --runs cell without --duration still stops after this long.
+RUNS_TIME_CAP = 120.0
+
+
+def _names(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _counts(text: str) -> list[int]:
+    return [int(part) for part in _names(text)]
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--socket", help="daemon socket (default with --start-daemon: a temp one)")
+    parser.add_argument(
+        "--start-daemon",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="start `sandboxd serve --http none` on a temporary socket and runtime dir "
+        "(default); --no-start-daemon uses the daemon already on --socket",
+    )
+    parser.add_argument(
+        "--echo", action="store_true", help="start a stand-in that runs nothing (client cost)"
+    )
+    parser.add_argument("--daemon-config", type=Path, help="base TOML config for the daemon")
+    parser.add_argument("--state-dir", help="passed to `sandboxd serve --state-dir`")
+    parser.add_argument("--start-timeout", type=float, default=60.0, help="seconds (default 60)")
+    parser.add_argument(
+        "--duration", type=float, help="seconds per cell (default 2; with --runs: a time cap)"
+    )
+    parser.add_argument("--runs", type=int, help="runs per cell (over all its clients)")
+    parser.add_argument("--clients", type=_counts, default=[1, 4, 16], help="e.g. 1,4,16")
+    parser.add_argument(
+        "--workloads",
+        type=_names,
+        help="keys: py-hello,py-loop5ms,py-dify,node-hello,node-dify (default all)",
+    )
+    parser.add_argument(
+        "--baselines", action=argparse.BooleanOptionalAction, default=True,
+        help="also run the spawn-per-run baselines (default on)",
+    )  # fmt: skip
+    parser.add_argument("--warmup", type=int, default=5, help="unmeasured runs per workload")
+    parser.add_argument("--run-timeout", type=float, default=30.0, help="client-side, seconds")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    args = parser.parse_args(argv)
+    if not args.start_daemon and not args.socket:
+        parser.error("--no-start-daemon needs --socket")
+    if not args.clients or min(args.clients) < 1:
+        parser.error("--clients needs positive counts")
+    if args.runs is not None and args.runs < 1:
+        parser.error("--runs must be positive")
+    return args
+
+
+class Progress:
+    def __init__(self) -> None:
+        self._start = time.monotonic()
+
+    def say(self, text: str) -> None:
+        print(f"[{time.monotonic() - self._start:6.1f}s] {text}", file=sys.stderr, flush=True)
+
+    def cell(self, cell: Cell) -> None:
+        if cell.unavailable is not None:
+            self.say(f"{cell.system} | {cell.workload} | {cell.clients}: {cell.unavailable}")
+            return
+        p50 = "-" if cell.p50_ms is None else f"{cell.p50_ms:.2f} ms"
+        self.say(
+            f"{cell.system} | {cell.workload} | {cell.clients} clients: {cell.runs} runs, "
+            f"p50 {p50}, {cell.runs_per_s:.1f}/s, {cell.errors} errors"
+        )
+
+
+def _budget(args: argparse.Namespace) -> Budget:
+    if args.runs is None:
+        return Budget(seconds=args.duration or 2.0, runs=10**9, run_timeout=args.run_timeout)
+    return Budget(
+        seconds=args.duration or RUNS_TIME_CAP, runs=args.runs, run_timeout=args.run_timeout
+    )
+
+
+def _availability(answer_code: str | None, workload: Workload) -> str | None:
+    if answer_code == "unsupported_language":
+        return f"n/a ({'node' if workload.language == 'nodejs' else 'python3'} pool not available)"
+    return None
+
+
+class DaemonBench:
+    """The daemon half of a run: warm-up, RSS and the sandboxd cells."""
+
+    def __init__(self, args: argparse.Namespace, workloads: list[Workload], say: Progress):
+        self.system = ECHO if args.echo else SANDBOXD
+        self.args = args
+        self.workloads = workloads
+        self.progress = say
+        self.cells: list[Cell] = []
+        self.pid: int | None = None
+        self.rss_warm: int | None = None
+        self.rss_after: int | None = None
+
+    async def run(self, daemon: daemons.Daemon) -> None:
+        self.pid = await daemons.daemon_pid(daemon.socket)
+        self.progress.say(f"daemon answers on {daemon.socket} (pid {self.pid})")
+        missing: dict[str, str] = {}
+        for workload in self.workloads:
+            for _ in range(max(1, self.args.warmup)):
+                answer = await probe(daemon.socket, workload)
+                reason = _availability(answer.error.code if answer.error else None, workload)
+                if reason is not None:
+                    missing[workload.key] = reason
+                    break
+        await trio.sleep(SETTLE_SECONDS)
+        self.rss_warm = daemons.rss_kib(self.pid)
+        for workload in self.workloads:
+            for clients in self.args.clients:
+                if workload.key in missing:
+                    cell = unavailable(self.system, workload.title, clients, missing[workload.key])
+                else:
+                    cell = await self._cell(daemon, workload, clients)
+                self.cells.append(cell)
+                self.progress.cell(cell)
+        await trio.sleep(SETTLE_SECONDS)
+        self.rss_after = daemons.rss_kib(self.pid)
+
+    async def _cell(self, daemon: daemons.Daemon, workload: Workload, clients: int) -> Cell:
+        async with sandboxd_clients(daemon.socket, workload, clients) as runners:
+            tally, seconds = await run_cell(runners, _budget(self.args))
+        if daemon.process is not None and daemon.process.returncode is not None:
+            raise daemons.DaemonFailed(
+                f"the daemon exited with {daemon.process.returncode} during "
+                f"{workload.title}:\n" + daemons.log_tail(daemon.log)
+            )
+        return summarize(self.system, workload.title, clients, tally, seconds)
+
+
+async def baseline_cells(
+    args: argparse.Namespace, workloads: list[Workload], progress: Progress
+) -> list[Cell]:
+    cells = []
+    for baseline in BASELINES:
+        for workload in (w for w in workloads if w.language == baseline.language):
+            cells += await _baseline_workload(args, baseline, workload, progress)
+    return cells
+
+
+async def _baseline_workload(
+    args: argparse.Namespace, baseline: Baseline, workload: Workload, progress: Progress
+) -> list[Cell]:
+    cells = []
+    if not Path(baseline.argv[0]).exists():
+        reason = f"n/a ({baseline.argv[0]} missing)"
+        return [unavailable(baseline.name, workload.title, c, reason) for c in args.clients]
+    warm = baseline_run(baseline, workload)
+    for _ in range(min(args.warmup, 2)):
+        await warm()
+    for clients in args.clients:
+        runners = [baseline_run(baseline, workload) for _ in range(clients)]
+        tally, seconds = await run_cell(runners, _budget(args))
+        cell = summarize(baseline.name, workload.title, clients, tally, seconds)
+        progress.cell(cell)
+        cells.append(cell)
+    return cells
+
+
+def _order(cells: list[Cell], workloads: list[Workload]) -> list[Cell]:
+    """Rows grouped by workload, then clients; sandboxd first within a group."""
+    titles = [w.title for w in workloads]
+    systems = [SANDBOXD, ECHO, *(b.name for b in BASELINES)]
+    return sorted(
+        cells, key=lambda c: (titles.index(c.workload), c.clients, systems.index(c.system))
+    )
+
+
+async def bench(args: argparse.Namespace, argv: Sequence[str]) -> Report:
+    progress = Progress()
+    iterations, loop_ms = calibrate_loop()
+    progress.say(f"~5 ms loop: {iterations} iterations ({loop_ms:.2f} ms here)")
+    workloads = all_workloads(iterations)
+    if args.workloads:
+        unknown = set(args.workloads) - {w.key for w in workloads}
+        if unknown:
+            raise SystemExit(f"unknown workloads: {', '.join(sorted(unknown))}")
+        workloads = [w for w in workloads if w.key in args.workloads]
+    ours = DaemonBench(args, workloads, progress)
+    daemon_exit = None
+    with tempfile.TemporaryDirectory(prefix="sandboxd-bench-") as temp:
+        if not args.start_daemon:
+            await ours.run(daemons.running_daemon(args.socket))
+        else:
+            socket = args.socket or f"{temp}/sandboxd.sock"
+            command = _daemon_command(args, Path(temp), socket, workloads)
+            progress.say(f"starting: {shlex.join(command)}")
+            async with daemons.started(
+                command, socket, Path(temp) / "daemon.log", args.start_timeout, stop_timeout=15.0
+            ) as daemon:
+                await ours.run(daemon)
+            daemon_exit = daemons.exit_problem(daemon)
+            if daemon_exit is not None:
+                progress.say(f"daemon stop FAILED: {daemon_exit}")
+    cells = ours.cells
+    if args.baselines:
+        cells += await baseline_cells(args, workloads, progress)
+    cells = _order(cells, workloads)
+    return Report(
+        command=shlex.join(["python", "-m", "bench", *argv]),
+        system=ours.system,
+        loop_iterations=iterations,
+        loop_ms=loop_ms,
+        cells=cells,
+        ratios=ratios(cells, ours.system),
+        daemon_pid=ours.pid,
+        idle_rss_kib_after_warmup=ours.rss_warm,
+        idle_rss_kib_after_bench=ours.rss_after,
+        daemon_exit=daemon_exit,
+        targets=targets(cells, ours.rss_warm) if not args.echo else [],
+    )
+
+
+def _daemon_command(
+    args: argparse.Namespace, temp: Path, socket: str, workloads: list[Workload]
+) -> list[str]:
+    if args.echo:
+        answers = temp / "answers.json"
+        known = [*workloads, READY]
+        answers.write_text(json.dumps({w.code: w.expected for w in known}))
+        return daemons.echo_command(socket, answers)
+    config = temp / "sandboxd.toml"
+    runtime = temp / "run"
+    runtime.mkdir()
+    daemons.write_config(args.daemon_config, socket, str(runtime), config)
+    return daemons.daemon_command(config, socket, args.state_dir)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    try:
+        report = trio.run(bench, args, argv)
+    except daemons.DaemonFailed as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 2
+    sys.stdout.write(to_json(report).decode() + "\n" if args.json else render(report) + "\n")
+    failed = sum(c.errors for c in report.cells)
+    if failed:
+        print(f"bench: {failed} runs failed (see errors above)", file=sys.stderr)
+    if report.daemon_exit is not None:
+        print("bench: the daemon did not stop cleanly (see above)", file=sys.stderr)
+    return 1 if failed or report.daemon_exit is not None else 0

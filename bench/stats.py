@@ -1,0 +1,91 @@
+"""What one cell of the table measured, and the numbers derived from it."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import msgspec
+
+# Distinct error descriptions kept per cell (the count of each is always kept).
+MAX_ERROR_KINDS = 8
+
+
+def percentile(sorted_values: list[float], fraction: float) -> float:
+    """Nearest-rank percentile of an ascending list (p99 of 50 samples is the max)."""
+    if not sorted_values:
+        raise ValueError("percentile of no samples")
+    rank = max(1, math.ceil(fraction * len(sorted_values)))
+    return sorted_values[rank - 1]
+
+
+class Tally:
+    """Collects one cell's outcomes while it runs."""
+
+    def __init__(self) -> None:
+        self.latencies: list[float] = []  # seconds, ok runs only
+        self.errors: Counter[str] = Counter()
+
+    def ok(self, seconds: float) -> None:
+        self.latencies.append(seconds)
+
+    def error(self, description: str) -> None:
+        if description in self.errors or len(self.errors) < MAX_ERROR_KINDS:
+            self.errors[description] += 1
+        else:
+            self.errors["(other errors)"] += 1
+
+    @property
+    def error_count(self) -> int:
+        return sum(self.errors.values())
+
+
+class Cell(msgspec.Struct, frozen=True):
+    """One row: a system running a workload with some number of clients."""
+
+    system: str
+    workload: str
+    clients: int
+    runs: int  # ok runs
+    errors: int  # runs that did not come back ok with the expected stdout
+    p50_ms: float | None
+    p99_ms: float | None
+    mean_ms: float | None
+    runs_per_s: float  # ok runs per second of the cell's wall time
+    seconds: float
+    error_kinds: dict[str, int] = {}
+    unavailable: str | None = None  # why the row has no numbers ("n/a (...)")
+
+
+def summarize(system: str, workload: str, clients: int, tally: Tally, seconds: float) -> Cell:
+    values = sorted(tally.latencies)
+    has = bool(values)
+    return Cell(
+        system=system,
+        workload=workload,
+        clients=clients,
+        runs=len(values),
+        errors=tally.error_count,
+        p50_ms=percentile(values, 0.50) * 1000 if has else None,
+        p99_ms=percentile(values, 0.99) * 1000 if has else None,
+        mean_ms=sum(values) / len(values) * 1000 if has else None,
+        runs_per_s=len(values) / seconds if seconds > 0 else 0.0,
+        seconds=seconds,
+        error_kinds=dict(tally.errors),
+    )
+
+
+def unavailable(system: str, workload: str, clients: int, reason: str) -> Cell:
+    return Cell(
+        system=system,
+        workload=workload,
+        clients=clients,
+        runs=0,
+        errors=0,
+        p50_ms=None,
+        p99_ms=None,
+        mean_ms=None,
+        runs_per_s=0.0,
+        seconds=0.0,
+        unavailable=reason,
+    )

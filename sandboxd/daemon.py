@@ -1,0 +1,221 @@
+"""The daemon's lifecycle: build the jail spec, start the pools, take or bind the
+sockets, serve until a signal, stop gracefully.
+
+One nursery tree: serve() -> {accept loops, connections, pools, watchdog}.
+Stopping (SIGTERM/SIGINT): stop accepting, let in-flight runs finish up to
+[server] stop_timeout, then cancel the rest (workers are killed by their keepers).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import sysconfig
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from functools import partial
+
+import trio
+
+from sandboxd import http, server, systemd
+from sandboxd.config import Config, parse_listen
+from sandboxd.jail import JailSpec, rootfs
+from sandboxd.jail.cgroup import Backend, LegacyBackend, legacy_available
+from sandboxd.metrics import Metrics
+from sandboxd.pool import Dispatcher
+
+log = logging.getLogger("sandboxd")
+
+NODE_BOOTSTRAP = "/opt/sandboxd/bootstrap.js"
+# Where the dependency environment's packages appear inside the python jail.
+JAIL_SITE_PACKAGES = "/opt/sandboxd/python"
+STATUS_INTERVAL = 5.0
+
+
+class StartupError(Exception):
+    """The daemon cannot start as configured; the message says why."""
+
+
+def python_site_packages(config: Config) -> str | None:
+    """The host directory of the jail's python packages, when it has been synced."""
+    path = os.path.join(config.server.state_dir, "python", "current", "site-packages")
+    return path if os.path.isdir(path) else None
+
+
+def build_spec(config: Config, cgroups_in_force: bool) -> tuple[JailSpec, dict[str, str]]:
+    """The jail spec, and the languages that cannot be served with the reason why."""
+    stdlib = sysconfig.get_paths()["stdlib"]
+    python_path = [stdlib, os.path.join(stdlib, "lib-dynload")]
+    python_extra: list[str] = []
+    site = python_site_packages(config)
+    if site is not None:
+        python_extra.append(site)
+        python_path.append(site)
+    roots = {"python3": rootfs.python_entries(python_extra)}
+    unavailable: dict[str, str] = {}
+    node = config.nodejs.path
+    if not (os.path.isfile(node) and os.access(node, os.X_OK)):
+        unavailable["nodejs"] = f"nodejs is not installed on this host ({node} not found)"
+    else:
+        roots["nodejs"] = rootfs.node_entries(node)
+    limits = config.limits
+    # With cgroups the memory and tasks verdicts come from the kernel's cgroup counters,
+    # so the rlimits on data and processes are only backstops above the cgroup limits.
+    backstop = 2 if cgroups_in_force else 1
+    spec = JailSpec(
+        runtime_dir=config.server.runtime_dir,
+        hostname=config.jail.hostname,
+        tmp_size_mb=limits.tmp_size_mb,
+        max_memory_mb=limits.max_memory_mb * backstop,
+        max_cpu_seconds=int(limits.max_timeout + 0.999),
+        tasks=limits.tasks * backstop,
+        file_size_mb=limits.file_size_mb,
+        open_files=limits.open_files,
+        roots=roots,
+        python_path=python_path,
+        python_site_packages=site,
+        node_path=os.path.realpath(node),
+        node_bootstrap=NODE_BOOTSTRAP,
+    )
+    return spec, unavailable
+
+
+def choose_cgroups(config: Config) -> Backend | None:
+    mode = config.limits.cgroups
+    if mode == "off":
+        return None
+    if legacy_available():
+        return LegacyBackend(f"sandboxd.{os.getpid()}")
+    if mode == "systemd":
+        raise StartupError(
+            '[limits] cgroups = "systemd" but no cgroup hierarchy can be used here; '
+            'run under systemd (sandboxd.service) or set cgroups = "auto"'
+        )
+    log.warning(
+        "no usable cgroups: memory and task limits are rlimits only, and the memory and "
+        'tasks verdicts cannot be given (set [limits] cgroups = "off" to silence this)'
+    )
+    return None
+
+
+@dataclass
+class Listeners:
+    ndjson: list[trio.SocketListener]
+    http: list[trio.SocketListener]
+
+
+def open_listeners(config: Config, passed: dict[str, list[int]]) -> Listeners:
+    """Sockets systemd passed by name, or our own per the config."""
+
+    def adopt(name: str) -> list[trio.SocketListener]:
+        return [server.listener(socket.socket(fileno=fd)) for fd in passed.get(name, [])]
+
+    ndjson = adopt("ndjson")
+    if not passed:
+        ndjson = [
+            server.listener(
+                server.bind_unix(
+                    config.server.socket, config.server.socket_mode, config.server.socket_group
+                )
+            )
+        ]
+    web = adopt("http")
+    address = parse_listen(config.http.listen)
+    if not passed and address is not None:
+        web = [server.listener(server.bind_tcp(*address))]
+    return Listeners(ndjson, web)
+
+
+async def _accept(
+    listener: trio.SocketListener,
+    handler: Callable[[trio.abc.Stream], Awaitable[None]],
+    connections: trio.Nursery,
+) -> None:
+    while True:
+        try:
+            stream = await listener.accept()
+        except OSError as error:  # EMFILE and friends: wait for fds to free up
+            log.error("accept failed: %s", error)
+            await trio.sleep(0.1)
+            continue
+        connections.start_soon(handler, stream)
+
+
+def _clean_runtime_dir(path: str) -> None:
+    os.makedirs(path, mode=0o755, exist_ok=True)
+    for name in os.listdir(path):
+        if name.startswith("root-"):
+            shutil.rmtree(os.path.join(path, name), ignore_errors=True)
+
+
+async def serve(
+    config: Config, task_status: trio.TaskStatus[Dispatcher] = trio.TASK_STATUS_IGNORED
+) -> None:
+    http.check_http_exposure(config)
+    passed = systemd.listen_fds()
+    notifier = systemd.Notifier.from_environ()
+    cgroups = choose_cgroups(config)
+    spec, unavailable = build_spec(config, cgroups is not None)
+    _clean_runtime_dir(config.server.runtime_dir)
+    metrics = Metrics()
+    dispatcher = Dispatcher(config, spec, cgroups, metrics, unavailable)
+    for language, reason in unavailable.items():
+        log.warning("%s: %s", language, reason)
+    listeners = open_listeners(config, passed)
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async with trio.open_nursery() as root:
+            await dispatcher.start(root)
+            async with trio.open_nursery() as connections:
+                accepting = trio.CancelScope()
+                ndjson = partial(server.serve_ndjson, service=dispatcher, config=config)
+                web = partial(http.serve_http, service=dispatcher, config=config, metrics=metrics)
+
+                async def accept_all() -> None:
+                    with accepting:
+                        async with trio.open_nursery() as loops:
+                            for item in listeners.ndjson:
+                                loops.start_soon(_accept, item, ndjson, connections)
+                            for item in listeners.http:
+                                loops.start_soon(_accept, item, web, connections)
+
+                connections.start_soon(accept_all)
+                root.start_soon(_status_loop, dispatcher, notifier)
+                notifier.ready()
+                log.info(
+                    "sandboxd ready: %s",
+                    ", ".join(f"{p.language} x{p.size}" for p in dispatcher.pools.values()),
+                )
+                task_status.started(dispatcher)
+                async for signum in signals:
+                    if signum == signal.SIGHUP:
+                        log.warning("reload is not supported yet; restart to apply a new config")
+                        continue
+                    break
+                log.info("stopping: no new connections; waiting for %d runs", dispatcher.admitted)
+                notifier.stopping()
+                accepting.cancel()
+                for item in [*listeners.ndjson, *listeners.http]:
+                    await item.aclose()
+                with trio.move_on_after(config.server.stop_timeout):
+                    while dispatcher.admitted:
+                        await trio.sleep(0.05)
+                connections.cancel_scope.cancel()
+            root.cancel_scope.cancel()
+    await dispatcher.stop()
+    if dispatcher.cgroups is not None:
+        dispatcher.cgroups.close()
+
+
+async def _status_loop(dispatcher: Dispatcher, notifier: systemd.Notifier) -> None:
+    """STATUS= for systemctl status, and WATCHDOG=1 while the event loop turns."""
+    interval = notifier.watchdog_interval()
+    period = min(STATUS_INTERVAL, interval / 2) if interval else STATUS_INTERVAL
+    while True:
+        ready = ", ".join(f"{p.language} {p.ready}/{p.size}" for p in dispatcher.pools.values())
+        notifier.status(f"ready workers: {ready}; runs served: {dispatcher.runs_served}")
+        if all(p.failures < 3 for p in dispatcher.pools.values()):
+            notifier.watchdog()
+        await trio.sleep(period)

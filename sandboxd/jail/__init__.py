@@ -1,0 +1,63 @@
+"""The jail: how a worker is isolated before it reads any code.
+
+Theory of operation
+-------------------
+Processes (all forked, none exec'd except node):
+
+  daemon (trio, root) ── control socket ──▶ zygote (root, warm interpreter)
+      zygote: own mount namespace holding the read-only root templates
+      (rootfs.py) and one shared empty network namespace (namespaces.py);
+      seccomp programs compiled once (seccomp.py). It never holds a client
+      or listening socket: it is spawned with only its control socket.
+  zygote ──fork──▶ keeper (root, trusted, never runs user code)
+      unshare(mount, pid, ipc, uts); forks the worker, moves it into its
+      cgroup, waits for it and reports its exit status and rusage.
+  keeper ──fork──▶ worker (pid 1 of its own pid namespace)
+      enters the jail in this order, failing closed at any step:
+      fds 0/1/2 = job/stdout/stderr pipes, 3 = readiness pipe, rest closed;
+      private tmpfs /tmp; chroot; hostname; setsid; rlimits (config maxima);
+      identity (bounding set cleared, no groups, uid/gid from the pool);
+      no_new_privs, not dumpable, parent-death signal; seccomp; "ready".
+      Then it reads one job from fd 0, lowers its rlimits to the job's, runs
+      the code and exits. When it exits the kernel kills the rest of its pid
+      namespace, so nothing outlives a run.
+
+Fds the daemon holds per worker: the write end of the job pipe, the read
+ends of stdout and stderr, and a seqpacket socket to the keeper (exit
+status, kill requests). Nothing in a result is the worker's word except the
+bytes it printed.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class RootEntry(msgspec.Struct, frozen=True):
+    """One host path made visible read-only in a jail root, at the same path."""
+
+    path: str
+    # "dir" or "file": what to create as the mount point.
+    kind: str
+
+
+class JailSpec(msgspec.Struct, frozen=True):
+    """Everything the zygote needs to build workers; derived once from the config."""
+
+    runtime_dir: str
+    hostname: str
+    tmp_size_mb: int
+    # rlimits set while the worker is prepared (the config's maxima).
+    max_memory_mb: int
+    max_cpu_seconds: int
+    tasks: int
+    file_size_mb: int
+    open_files: int
+    # language -> host paths bound into that language's root.
+    roots: dict[str, list[RootEntry]]
+    # Directories on sys.path of a python worker, as seen inside the jail.
+    python_path: list[str]
+    # Host directory of the jail's python packages (None when none are installed).
+    python_site_packages: str | None
+    node_path: str
+    node_bootstrap: str

@@ -1,0 +1,216 @@
+"""Per-run cgroups: limits the kernel enforces and verdicts the kernel reports.
+
+Each worker gets a leaf cgroup of its own while it is pre-forked (off the request
+path); the keeper writes the worker into it before the worker prepares its jail,
+so every process of the run is counted. After the run the daemon reads the
+kernel's counters (OOM kills, pids.max hits, CPU, peak memory) and removes it.
+
+Two layouts, one interface:
+- unified (cgroup v2): a delegated directory (a systemd scope with Delegate=yes,
+  see scope.py) with one child per worker: memory.max, memory.swap.max=0, pids.max,
+  cpu.max; memory.events, pids.events, cpu.stat, memory.peak.
+- legacy (cgroup v1, e.g. hosts with the hybrid layout and no systemd PID 1):
+  one directory per worker in each of the memory, pids and cpu,cpuacct hierarchies.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Protocol
+
+log = logging.getLogger("sandboxd.cgroup")
+
+V1_ROOT = "/sys/fs/cgroup"
+CPU_PERIOD_US = 100_000
+CONTROLLERS_V1 = ("memory", "pids", "cpu", "cpuacct")
+
+
+@dataclass(frozen=True)
+class Usage:
+    oom_kills: int
+    pids_max_hits: int
+    cpu_usec: int
+    peak_memory_bytes: int | None
+
+
+@dataclass(frozen=True)
+class Limits:
+    memory_bytes: int
+    tasks: int
+    # Percent of one CPU; 0 for no quota.
+    cpu_percent: int
+
+
+class RunCgroup(Protocol):
+    @property
+    def procs_files(self) -> list[str]: ...
+
+    def set_memory_limit(self, memory_bytes: int) -> None: ...
+
+    def usage(self) -> Usage: ...
+
+    def remove(self) -> None: ...
+
+
+class Backend(Protocol):
+    name: str
+
+    def create(self, name: str, limits: Limits) -> RunCgroup: ...
+
+    def close(self) -> None:
+        """Remove what the backend made (its runs' cgroups are gone by then)."""
+        ...
+
+
+def _write(path: str, value: str) -> None:
+    with open(path, "w") as handle:
+        handle.write(value)
+
+
+def _read_keyed(path: str) -> dict[str, int]:
+    """A flat keyed file (memory.events, cpu.stat, memory.oom_control) as a dict."""
+    values: dict[str, int] = {}
+    try:
+        with open(path) as handle:
+            for line in handle:
+                key, _, value = line.partition(" ")
+                if value.strip().lstrip("-").isdigit():
+                    values[key] = int(value)
+    except FileNotFoundError:
+        pass
+    return values
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path) as handle:
+            return int(handle.read().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _rmdir(path: str) -> None:
+    try:
+        os.rmdir(path)
+    except FileNotFoundError:
+        pass
+    except OSError as error:  # EBUSY: a process is still inside; never fatal
+        log.error("cannot remove cgroup %s: %s", path, error)
+
+
+class UnifiedCgroup:
+    def __init__(self, path: str, limits: Limits) -> None:
+        self.path = path
+        os.mkdir(path)
+        self.set_memory_limit(limits.memory_bytes)
+        _write(f"{path}/memory.swap.max", "0")
+        _write(f"{path}/pids.max", str(limits.tasks))
+        if limits.cpu_percent:
+            _write(
+                f"{path}/cpu.max", f"{limits.cpu_percent * CPU_PERIOD_US // 100} {CPU_PERIOD_US}"
+            )
+
+    @property
+    def procs_files(self) -> list[str]:
+        return [f"{self.path}/cgroup.procs"]
+
+    def set_memory_limit(self, memory_bytes: int) -> None:
+        _write(f"{self.path}/memory.max", str(memory_bytes))
+
+    def usage(self) -> Usage:
+        return Usage(
+            oom_kills=_read_keyed(f"{self.path}/memory.events").get("oom_kill", 0),
+            pids_max_hits=_read_keyed(f"{self.path}/pids.events").get("max", 0),
+            cpu_usec=_read_keyed(f"{self.path}/cpu.stat").get("usage_usec", 0),
+            peak_memory_bytes=_read_int(f"{self.path}/memory.peak"),
+        )
+
+    def remove(self) -> None:
+        if os.path.exists(f"{self.path}/cgroup.kill"):
+            _write(f"{self.path}/cgroup.kill", "1")
+        _rmdir(self.path)
+
+
+class UnifiedBackend:
+    """Children of a delegated cgroup v2 directory."""
+
+    name = "cgroup2"
+
+    def __init__(self, parent: str) -> None:
+        self.parent = parent
+
+    def create(self, name: str, limits: Limits) -> RunCgroup:
+        return UnifiedCgroup(os.path.join(self.parent, name), limits)
+
+    def close(self) -> None:
+        pass  # the parent belongs to systemd (a delegated scope or service)
+
+
+class LegacyCgroup:
+    def __init__(self, parent: str, name: str, limits: Limits) -> None:
+        self.memory = f"{V1_ROOT}/memory/{parent}/{name}"
+        self.pids = f"{V1_ROOT}/pids/{parent}/{name}"
+        self.cpu = f"{V1_ROOT}/cpu/{parent}/{name}"
+        self.cpuacct = f"{V1_ROOT}/cpuacct/{parent}/{name}"
+        for path in self._dirs:
+            os.makedirs(path)
+        _write(f"{self.memory}/memory.swappiness", "0")
+        self.set_memory_limit(limits.memory_bytes)
+        _write(f"{self.pids}/pids.max", str(limits.tasks))
+        if limits.cpu_percent:
+            _write(f"{self.cpu}/cpu.cfs_period_us", str(CPU_PERIOD_US))
+            _write(f"{self.cpu}/cpu.cfs_quota_us", str(limits.cpu_percent * CPU_PERIOD_US // 100))
+
+    @property
+    def _dirs(self) -> tuple[str, ...]:
+        return (self.memory, self.pids, self.cpu, self.cpuacct)
+
+    @property
+    def procs_files(self) -> list[str]:
+        return [f"{path}/cgroup.procs" for path in self._dirs]
+
+    def set_memory_limit(self, memory_bytes: int) -> None:
+        _write(f"{self.memory}/memory.limit_in_bytes", str(memory_bytes))
+        memsw = f"{self.memory}/memory.memsw.limit_in_bytes"
+        if os.path.exists(memsw):  # only with swap accounting; then no swap at all
+            _write(memsw, str(memory_bytes))
+
+    def usage(self) -> Usage:
+        usage_ns = _read_int(f"{self.cpuacct}/cpuacct.usage") or 0
+        return Usage(
+            oom_kills=_read_keyed(f"{self.memory}/memory.oom_control").get("oom_kill", 0),
+            pids_max_hits=_read_keyed(f"{self.pids}/pids.events").get("max", 0),
+            cpu_usec=usage_ns // 1000,
+            peak_memory_bytes=_read_int(f"{self.memory}/memory.max_usage_in_bytes"),
+        )
+
+    def remove(self) -> None:
+        for path in self._dirs:
+            _rmdir(path)
+
+
+class LegacyBackend:
+    """Per-run directories in the v1 memory, pids, cpu and cpuacct hierarchies."""
+
+    name = "cgroup1"
+
+    def __init__(self, parent: str) -> None:
+        self.parent = parent
+        for controller in CONTROLLERS_V1:
+            os.makedirs(f"{V1_ROOT}/{controller}/{parent}", exist_ok=True)
+
+    def create(self, name: str, limits: Limits) -> RunCgroup:
+        return LegacyCgroup(self.parent, name, limits)
+
+    def close(self) -> None:
+        for controller in CONTROLLERS_V1:
+            _rmdir(f"{V1_ROOT}/{controller}/{self.parent}")
+
+
+def legacy_available() -> bool:
+    """True when the v1 memory, pids, cpu and cpuacct hierarchies are mounted and writable."""
+    return all(
+        os.access(f"{V1_ROOT}/{controller}/cgroup.procs", os.W_OK) for controller in CONTROLLERS_V1
+    )

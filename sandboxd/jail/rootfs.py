@@ -1,0 +1,135 @@
+"""The read-only root a worker is chrooted into.
+
+prepare_*(): in the daemon, once: which host paths a language's root holds
+(the runtime, the shared libraries it links, tz data, dependencies).
+build(): in the zygote's private mount namespace, once: a tmpfs with those
+paths bind-mounted read-only, a minimal /dev and /etc, then made read-only.
+enter(): in each worker: a private size-capped tmpfs on /tmp, then chroot.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import sysconfig
+from collections.abc import Iterable
+
+from sandboxd.jail import RootEntry, libc
+
+# Device nodes a run may open (invariant 5).
+DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom")
+
+# Host directories a python3 root holds when they exist (stdlib comes from sysconfig).
+PYTHON_DATA_DIRS = ("/usr/share/zoneinfo",)
+
+# Small files written into every root; no host /etc is visible.
+ETC_FILES: dict[str, bytes] = {
+    "/etc/passwd": b"root:x:0:0:root:/:/bin/false\nnobody:x:65534:65534:nobody:/:/bin/false\n",
+    "/etc/group": b"root:x:0:\nnogroup:x:65534:\n",
+    "/etc/hosts": b"127.0.0.1 localhost\n::1 localhost\n",
+    "/etc/hostname": b"sandbox\n",
+    "/etc/nsswitch.conf": b"passwd: files\ngroup: files\nhosts: files dns\n",
+}
+# Merged-/usr layout of Debian 12: these are symlinks into /usr in every root.
+USR_SYMLINKS = {"/lib": "usr/lib", "/lib64": "usr/lib64", "/bin": "usr/bin", "/sbin": "usr/sbin"}
+
+_LDD_PATH = re.compile(r"(?:=>\s*)?(/\S+)\s+\(0x[0-9a-f]+\)")
+
+RO_FLAGS = libc.MS_BIND | libc.MS_REMOUNT | libc.MS_RDONLY | libc.MS_NOSUID | libc.MS_NODEV
+
+
+def shared_libraries(binaries: Iterable[str]) -> set[str]:
+    """Every shared library (and the loader) the given ELF files link, via ldd."""
+    files = sorted(set(binaries))
+    if not files:
+        return set()
+    out = subprocess.run(
+        ["ldd", *files], capture_output=True, text=True, check=False, env={"LC_ALL": "C"}
+    ).stdout
+    return {m.group(1) for m in _LDD_PATH.finditer(out)}
+
+
+def _file_entries(paths: Iterable[str]) -> list[RootEntry]:
+    """Files at the path the loader looks them up by, with their directory resolved."""
+    entries = []
+    for path in sorted(set(paths)):
+        directory = os.path.realpath(os.path.dirname(path))
+        entries.append(RootEntry(os.path.join(directory, os.path.basename(path)), "file"))
+    return entries
+
+
+def python_entries(extra_dirs: Iterable[str] = ()) -> list[RootEntry]:
+    """The host's python3 installation (not the daemon's venv), its libraries and data."""
+    stdlib = sysconfig.get_paths()["stdlib"]
+    dynload = os.path.join(stdlib, "lib-dynload")
+    interpreter = os.path.realpath(os.path.join(sys.base_prefix, "bin", "python3"))
+    modules = [os.path.join(dynload, n) for n in os.listdir(dynload) if n.endswith(".so")]
+    libs = shared_libraries([interpreter, *modules])
+    dirs = [stdlib, *(d for d in PYTHON_DATA_DIRS if os.path.isdir(d)), *extra_dirs]
+    return [RootEntry(d, "dir") for d in dirs] + _file_entries([interpreter, *libs])
+
+
+def node_entries(node: str, extra_dirs: Iterable[str] = ()) -> list[RootEntry]:
+    """The node binary and the libraries it links."""
+    binary = os.path.realpath(node)
+    return [RootEntry(d, "dir") for d in extra_dirs] + _file_entries(
+        [binary, *shared_libraries([binary])]
+    )
+
+
+def _mount_point(root: str, entry: RootEntry) -> str:
+    target = root + entry.path
+    if entry.kind == "dir":
+        os.makedirs(target, exist_ok=True)
+    else:
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        with open(target, "a"):
+            pass
+    return target
+
+
+def _bind_read_only(source: str, target: str, flags: int = RO_FLAGS) -> None:
+    libc.mount(source, target, None, libc.MS_BIND | libc.MS_REC)
+    libc.mount(source, target, None, flags)
+
+
+def build(root: str, entries: Iterable[RootEntry], files: dict[str, bytes]) -> None:
+    """Assemble a read-only root at `root` (call inside a private mount namespace)."""
+    os.makedirs(root, exist_ok=True)
+    libc.mount("sandboxd-root", root, "tmpfs", libc.MS_NOSUID | libc.MS_NODEV, "mode=0755,size=16m")
+    for link, target in USR_SYMLINKS.items():
+        os.makedirs(os.path.join(root, target), exist_ok=True)
+        os.symlink(target, root + link)
+    for entry in entries:
+        _bind_read_only(entry.path, _mount_point(root, entry))
+    os.makedirs(root + "/dev")
+    for device in DEVICES:
+        if os.path.exists(device):
+            point = _mount_point(root, RootEntry(device, "file"))
+            _bind_read_only(device, point, RO_FLAGS & ~libc.MS_NODEV)
+    os.makedirs(root + "/tmp")
+    for path, content in {**ETC_FILES, **files}.items():
+        os.makedirs(os.path.dirname(root + path), exist_ok=True)
+        with open(root + path, "wb") as handle:
+            handle.write(content)
+    libc.mount(
+        "sandboxd-root",
+        root,
+        None,
+        libc.MS_REMOUNT | libc.MS_RDONLY | libc.MS_NOSUID | libc.MS_NODEV,
+    )
+
+
+def enter(root: str, tmp_size_mb: int, uid: int) -> None:
+    """Give the worker a private /tmp owned by it, chroot into the root and cd to /tmp."""
+    libc.mount(
+        "sandboxd-tmp",
+        root + "/tmp",
+        "tmpfs",
+        libc.MS_NOSUID | libc.MS_NODEV,
+        f"size={tmp_size_mb}m,mode=0700,uid={uid},gid={uid},nr_inodes=16k",
+    )
+    os.chroot(root)
+    os.chdir("/tmp")

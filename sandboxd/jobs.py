@@ -1,0 +1,80 @@
+"""A job is a request after validation and capping: what a worker is told to run.
+
+Both front ends (the native protocol and the dify-sandbox API) turn their input
+into a Job here, so limits are capped in one place and no request field reaches
+a setting the config does not expose to requests (invariant 13).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import msgspec
+
+from sandboxd.config import Config
+from sandboxd.protocol import Language, ProtocolError, RequestId, RunRequest, RunResult
+
+
+class Job(msgspec.Struct, frozen=True):
+    language: Language
+    code: str
+    # Seconds of wall clock for the whole request, queue wait included.
+    timeout: float
+    memory_mb: int
+    # Whether the run gets egress (only ever true when [network] mode = "allow").
+    network: bool = False
+    stdin: str = ""
+    # Code run in the jail right before `code` (dify-sandbox's preload), "" for none.
+    preload: str = ""
+
+
+class Dependency(msgspec.Struct, frozen=True):
+    name: str
+    version: str
+
+
+class Service(Protocol):
+    """What the front ends need from the daemon's core."""
+
+    async def run(self, job: Job, request_id: RequestId) -> RunResult:
+        """Run a job; raises ProtocolError (overloaded, unsupported_language, internal)."""
+        ...
+
+    async def dependencies(self, language: Language) -> list[Dependency]:
+        """The packages importable in that language's jail, with real versions."""
+        ...
+
+    async def sync_dependencies(self, language: Language) -> None:
+        """Rebuild that language's environment from its requirements; ProtocolError on failure."""
+        ...
+
+
+def capped_timeout(requested: float | None, config: Config) -> float:
+    if requested is None:
+        return config.limits.timeout
+    return min(requested, config.limits.max_timeout)
+
+
+def capped_memory(requested: int | None, config: Config) -> int:
+    if requested is None:
+        return config.limits.memory_mb
+    return min(requested, config.limits.max_memory_mb)
+
+
+NETWORK_DISABLED = "network is disabled, please enable it in the configuration"
+
+
+def job_from_request(request: RunRequest, config: Config) -> Job:
+    """The native request as a job; enable_network only takes effect in "allow" mode
+    and is refused in "reject" mode (dify-sandbox's behaviour)."""
+    if request.enable_network and config.network.mode == "reject":
+        raise ProtocolError("bad_request", NETWORK_DISABLED)
+    language: Language = "nodejs" if request.language == "nodejs" else "python3"
+    return Job(
+        language=language,
+        code=request.code,
+        timeout=capped_timeout(request.timeout, config),
+        memory_mb=capped_memory(request.memory_mb, config),
+        network=request.enable_network and config.network.mode == "allow",
+        stdin=request.stdin,
+    )

@@ -1,0 +1,344 @@
+"""Pools of ready workers, admission control, and dispatch of jobs onto workers.
+
+Theory of operation
+-------------------
+The daemon starts one zygote (zygote.py) and talks to it over a seqpacket
+socket: each SpawnOrder comes back as four fds (job pipe, stdout, stderr,
+keeper socket) which become a Worker (worker.py). A Pool per language keeps
+`size` workers ready or preparing: a refill task orders a new worker whenever
+one is taken, and a task per worker waits for its readiness report before the
+worker is offered to requests, so a request never pays for jail setup.
+
+Admission (Dispatcher.run): at most max_requests requests are admitted (running
+plus waiting); beyond that, `overloaded` at once. At most max_workers run at a
+time (a CapacityLimiter). The request's deadline starts at admission, so time
+spent waiting counts against its timeout. Each worker runs one job and is then
+closed; its uid and cgroup are released only after the keeper has reaped it,
+when its whole pid namespace is gone.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import socket
+import subprocess
+import sys
+
+import trio
+
+from sandboxd import control
+from sandboxd.config import Config, effective_pool_size
+from sandboxd.control import SpawnFailed, SpawnOrder, ZygoteStart
+from sandboxd.deps import installed_python
+from sandboxd.jail import JailSpec
+from sandboxd.jail.cgroup import Backend, Limits, RunCgroup
+from sandboxd.jail.identity import UidPool
+from sandboxd.jobs import Dependency, Job
+from sandboxd.metrics import Metrics
+from sandboxd.protocol import Language, ProtocolError, RequestId, RunResult
+from sandboxd.worker import Worker
+
+log = logging.getLogger("sandboxd.pool")
+
+# Consecutive spawn failures after which requests fail fast instead of waiting.
+FAILING_AFTER = 3
+READY_TIMEOUT = 30.0
+ZYGOTE_START_TIMEOUT = 60.0
+MIB = 1024 * 1024
+
+
+class Zygote:
+    """The daemon's handle on the zygote process."""
+
+    def __init__(self, spec: JailSpec) -> None:
+        self.spec = spec
+        self._lock = trio.Lock()
+        self._process: trio.Process | None = None
+        self._sock: trio.socket.SocketType | None = None
+
+    async def start(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
+        try:
+            self._process = await trio.lowlevel.open_process(
+                [sys.executable, "-I", "-m", "sandboxd.zygote", str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+                env=env,
+            )
+        finally:
+            theirs.close()
+        self._sock = trio.socket.from_stdlib_socket(ours)
+        await self._sock.send(control.encoder.encode(ZygoteStart(self.spec)))
+        with trio.fail_after(ZYGOTE_START_TIMEOUT):
+            answer = await self._sock.recv(16)
+        if answer != b"ready":
+            raise RuntimeError("the zygote failed to start (see its messages above)")
+
+    async def spawn(self, order: SpawnOrder) -> list[int]:
+        """Order one worker; its four fds, or ProtocolError(internal) with the reason."""
+        assert self._sock is not None
+        async with self._lock:
+            await self._sock.send(control.encoder.encode(order))
+            packet, ancdata, _, _ = await self._sock.recvmsg(
+                control.MAX_PACKET, socket.CMSG_SPACE(4 * 4)
+            )
+        fds: list[int] = []
+        for level, kind, data in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.extend(memoryview(data).cast("i"))
+        if not packet:
+            raise ProtocolError("internal", "the zygote died")
+        reply = control.zygote_reply_decoder.decode(packet)
+        if isinstance(reply, SpawnFailed):
+            for fd in fds:
+                os.close(fd)
+            raise ProtocolError("internal", f"cannot fork a worker: {reply.message}")
+        if len(fds) != 4:
+            raise ProtocolError("internal", "the zygote sent a worker without its fds")
+        return fds
+
+    async def stop(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+        if self._process is not None:
+            with trio.move_on_after(5):
+                await self._process.wait()
+            if self._process.returncode is None:
+                self._process.kill()
+                await self._process.wait()
+
+
+class Pool:
+    """Ready workers of one language."""
+
+    def __init__(self, dispatcher: Dispatcher, language: Language, size: int) -> None:
+        self.dispatcher = dispatcher
+        self.language = language
+        self.size = size
+        self.preparing = 0
+        self._send, self._receive = trio.open_memory_channel[Worker](size)
+        self._wanted = trio.Event()
+        self.failures = 0
+        self.last_error = ""
+
+    @property
+    def ready(self) -> int:
+        return self._send.statistics().current_buffer_used
+
+    async def refill(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Keep `size` workers ready or preparing, for the life of the daemon."""
+        async with trio.open_nursery() as nursery:
+            started = False
+            while True:
+                while self.ready + self.preparing < self.size:
+                    self.preparing += 1
+                    nursery.start_soon(self._prepare_one)
+                if not started and self.ready >= self.size:
+                    started = True
+                    task_status.started()
+                await self._wanted.wait()
+                self._wanted = trio.Event()
+
+    async def _prepare_one(self) -> None:
+        worker: Worker | None = None
+        offered = False
+        try:
+            worker = await self.dispatcher.new_worker(self.language)
+            with trio.fail_after(READY_TIMEOUT):
+                await worker.wait_ready()
+            self._send.send_nowait(worker)
+            offered = True
+            self.failures = 0
+        except (ProtocolError, trio.TooSlowError, OSError) as exc:
+            self.failures += 1
+            self.last_error = str(exc)
+            self.dispatcher.metrics.spawn_failed(self.language)
+            log.error("%s worker failed to start: %s", self.language, exc)
+            # Back off so a broken jail does not spin the zygote.
+            await trio.sleep(min(5.0, 0.05 * 2 ** min(self.failures, 7)))
+        finally:
+            if worker is not None and not offered:
+                with trio.CancelScope(shield=True):
+                    await self.dispatcher.retire(worker)
+            self.preparing -= 1
+            self._wanted.set()
+            self.dispatcher.metrics.set_ready_workers(self.language, self.ready)
+
+    async def drain(self) -> None:
+        """Retire every ready worker (at stop; the refill task is cancelled first)."""
+        while True:
+            try:
+                worker = self._receive.receive_nowait()
+            except trio.WouldBlock:
+                return
+            await self.dispatcher.retire(worker)
+
+    async def take(self) -> Worker:
+        if self.failures >= FAILING_AFTER and self.ready == 0:
+            raise ProtocolError(
+                "internal", f"{self.language} workers fail to start: {self.last_error}"
+            )
+        worker = await self._receive.receive()
+        self._wanted.set()
+        self.dispatcher.metrics.set_ready_workers(self.language, self.ready)
+        return worker
+
+
+class Dispatcher:
+    """The daemon's core service: admission, pools, runs (implements jobs.Service)."""
+
+    def __init__(
+        self,
+        config: Config,
+        spec: JailSpec,
+        cgroups: Backend | None,
+        metrics: Metrics,
+        unavailable: dict[str, str] | None = None,
+    ) -> None:
+        self.config = config
+        self.spec = spec
+        self.cgroups = cgroups
+        self.metrics = metrics
+        # Languages that cannot be served, with the reason (e.g. node not installed).
+        self.unavailable = unavailable or {}
+        self.zygote = Zygote(spec)
+        self.uids = UidPool(config.jail.uid_min, config.jail.uid_max)
+        self.slots = trio.CapacityLimiter(config.limits.max_workers)
+        self.admitted = 0
+        self.runs_served = 0
+        self._ids = itertools.count(1)
+        self._cgroups: dict[int, RunCgroup] = {}
+        sizes: dict[Language, int] = {
+            "python3": config.python3.pool_size,
+            "nodejs": config.nodejs.pool_size,
+        }
+        self.pools: dict[str, Pool] = {
+            language: Pool(self, language, effective_pool_size(size))
+            for language, size in sizes.items()
+            if language in spec.roots
+        }
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        """Start the zygote and fill every pool; returns once all workers are ready."""
+        await self.zygote.start()
+        for pool in self.pools.values():
+            await nursery.start(pool.refill)
+
+    async def dependencies(self, language: Language) -> list[Dependency]:
+        if language != "python3":
+            return []  # node packages arrive with the dependency environments
+        return await trio.to_thread.run_sync(installed_python, self.spec.python_site_packages)
+
+    async def sync_dependencies(self, language: Language) -> None:
+        raise ProtocolError("internal", "dependency sync is not available in this build yet")
+
+    async def stop(self) -> None:
+        """Retire the ready workers and stop the zygote (pools' refill tasks are done)."""
+        with trio.CancelScope(shield=True):
+            for pool in self.pools.values():
+                await pool.drain()
+            await self.zygote.stop()
+
+    def _limits(self) -> Limits:
+        limits = self.config.limits
+        return Limits(limits.memory_mb * MIB, limits.tasks, limits.cpu_percent)
+
+    async def new_worker(self, language: str) -> Worker:
+        worker_id = next(self._ids)
+        uid = self.uids.acquire()
+        cgroup: RunCgroup | None = None
+        try:
+            if self.cgroups is not None:
+                cgroup = self.cgroups.create(f"w{worker_id}", self._limits())
+            order = SpawnOrder(
+                worker_id, language, uid, cgroup.procs_files if cgroup is not None else []
+            )
+            fds = await self.zygote.spawn(order)
+        except BaseException:
+            self.uids.release(uid)
+            if cgroup is not None:
+                cgroup.remove()
+            raise
+        return Worker(worker_id, language, uid, fds, cgroup)
+
+    async def retire(self, worker: Worker) -> None:
+        """Close a worker whose keeper has reported its exit (or kill it first)."""
+        if worker.exited is None:
+            await worker.kill()
+            with trio.move_on_after(10) as scope:
+                await worker.wait_exit()
+            if scope.cancelled_caught or worker.exited is None:
+                log.error("worker %d did not exit; its uid stays reserved", worker.worker_id)
+                await worker.close()
+                return
+        await worker.close()
+        if worker.cgroup is not None:
+            worker.cgroup.remove()
+        self.uids.release(worker.uid)
+
+    def _admit(self) -> None:
+        if self.admitted >= self.config.limits.max_requests:
+            raise ProtocolError("overloaded", "too many requests: the queue is full, retry later")
+        self.admitted += 1
+        self.metrics.set_queue_depth(max(0, self.admitted - self.config.limits.max_workers))
+
+    async def run(self, job: Job, request_id: RequestId) -> RunResult:
+        if job.language in self.unavailable:
+            raise ProtocolError("unsupported_language", self.unavailable[job.language])
+        pool = self.pools.get(job.language)
+        if pool is None:
+            raise ProtocolError("unsupported_language", f"{job.language} is not served here")
+        self._admit()
+        started = trio.current_time()
+        deadline = started + job.timeout
+        try:
+            result = await self._run_admitted(pool, job, request_id, deadline, started)
+        finally:
+            self.admitted -= 1
+            self.metrics.set_queue_depth(max(0, self.admitted - self.config.limits.max_workers))
+        self.runs_served += 1
+        self.metrics.observe_run(job.language, result.status, trio.current_time() - started)
+        return result
+
+    async def _run_admitted(
+        self, pool: Pool, job: Job, request_id: RequestId, deadline: float, started: float
+    ) -> RunResult:
+        worker: Worker | None = None
+        with trio.move_on_at(deadline):
+            async with self.slots:
+                worker = await pool.take()
+        if worker is None:
+            return queued_too_long(request_id, (trio.current_time() - started) * 1000)
+        try:
+            if worker.cgroup is not None and job.memory_mb != self.config.limits.memory_mb:
+                worker.cgroup.set_memory_limit(job.memory_mb * MIB)
+            async with self.slots:
+                outcome = await worker.run(
+                    job,
+                    deadline,
+                    self.config.limits.output_bytes,
+                    0 if worker.cgroup is not None else job.memory_mb,
+                )
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.retire(worker)
+        return RunResult(id=request_id, **outcome.__dict__)
+
+
+def queued_too_long(request_id: RequestId, waited_ms: float) -> RunResult:
+    """A request whose whole timeout passed while it waited for a worker."""
+    return RunResult(
+        id=request_id,
+        status="timeout",
+        exit_code=None,
+        signal=None,
+        stdout="",
+        stderr="",
+        truncated=False,
+        wall_ms=round(waited_ms, 3),
+        cpu_ms=0.0,
+        peak_memory_bytes=None,
+    )

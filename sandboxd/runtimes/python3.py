@@ -1,0 +1,131 @@
+"""The python3 runtime: a forked zygote child runs one job as `__main__` and exits.
+
+User code shares this interpreter and can rewrite anything in it, so nothing
+here reports an outcome: the exit status is read by the keeper with wait4.
+"""
+
+from __future__ import annotations
+
+import atexit
+import builtins
+import io
+import linecache
+import os
+import sys
+import threading
+import traceback
+import types
+from typing import NoReturn
+
+from sandboxd import control
+from sandboxd.control import JobHeader
+from sandboxd.jail import JailSpec, rlimits
+
+# The whole environment a run sees; nothing of the host's is passed in.
+ENVIRONMENT = {
+    "PATH": "/usr/bin",
+    "HOME": "/tmp",
+    "TMPDIR": "/tmp",
+    "LANG": "C.UTF-8",
+    "USER": "sandbox",
+    "PYTHONIOENCODING": "utf-8",
+}
+
+
+def root_files(spec: JailSpec) -> dict[str, bytes]:
+    return {}
+
+
+def prepare(spec: JailSpec) -> None:
+    sys.path[:] = spec.python_path
+    sys.path_importer_cache.clear()
+    sys.argv[:] = ["-c"]
+    os.environ.clear()
+    os.environ.update(ENVIRONMENT)
+
+
+def _register_source(filename: str, source: str) -> None:
+    """Let tracebacks show the lines of code that was never a file."""
+    lines = source.splitlines(keepends=True)
+    linecache.cache[filename] = (len(source), None, lines, filename)
+
+
+def _exit_code(exc: SystemExit) -> int:
+    """What CPython would exit with for this SystemExit."""
+    if exc.code is None:
+        return 0
+    if isinstance(exc.code, int):
+        return exc.code & 0xFF
+    print(exc.code, file=sys.stderr)
+    return 1
+
+
+def _set_stdio() -> None:
+    sys.stdin = io.TextIOWrapper(
+        io.BufferedReader(io.FileIO(0, "r", closefd=False)),
+        encoding="utf-8",
+        errors="surrogateescape",
+    )
+    sys.stdout = io.TextIOWrapper(
+        io.BufferedWriter(io.FileIO(1, "w", closefd=False)),
+        encoding="utf-8",
+        errors="backslashreplace",
+    )
+    sys.stderr = io.TextIOWrapper(
+        io.BufferedWriter(io.FileIO(2, "w", closefd=False)),
+        encoding="utf-8",
+        errors="backslashreplace",
+        line_buffering=True,
+    )
+    # The originals point at the zygote's streams; code that falls back on them must not.
+    for name in ("stdin", "stdout", "stderr"):
+        setattr(sys, f"__{name}__", getattr(sys, name))
+
+
+def _run(job: JobHeader) -> int:
+    main = types.ModuleType("__main__")
+    main.__dict__["__builtins__"] = builtins
+    sys.modules["__main__"] = main
+    try:
+        for filename, source in (("<preload>", job.preload), ("<code>", job.code)):
+            if source:
+                _register_source(filename, source)
+                exec(compile(source, filename, "exec"), main.__dict__)
+    except SystemExit as exc:
+        return _exit_code(exc)
+    except BaseException as exc:
+        traceback.print_exception(
+            type(exc), exc, exc.__traceback__.tb_next if exc.__traceback__ else None
+        )
+        return 1
+    return 0
+
+
+def _shutdown(code: int) -> NoReturn:
+    """What interpreter exit does: join threads, run atexit, flush; then leave at once."""
+    try:
+        threading._shutdown()  # type: ignore[attr-defined]
+        atexit._run_exitfuncs()
+    except SystemExit as exc:
+        code = _exit_code(exc)
+    except BaseException as exc:
+        traceback.print_exception(exc)
+        code = code or 1
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BaseException:
+            code = code or 120
+    os._exit(code)
+
+
+def start(spec: JailSpec, ready_fd: int) -> NoReturn:
+    os.write(ready_fd, b"ok")
+    os.close(ready_fd)
+    try:
+        job = control.read_job(0)
+    except EOFError:
+        os._exit(0)  # retired without a job
+    rlimits.lower_for_job(job.memory_mb, job.timeout)
+    _set_stdio()
+    _shutdown(_run(job))

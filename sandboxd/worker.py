@@ -1,0 +1,206 @@
+"""The daemon's side of one worker: its fds, readiness, and running one job on it.
+
+The outcome of a run is assembled only from what the daemon itself observed:
+the bytes read from the stdout/stderr pipes (capped), the keeper's wait4 status
+and rusage, whether the daemon killed it (timeout, output cap), and the kernel's
+cgroup counters. Nothing the worker says after it got ready is believed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import socket
+from dataclasses import dataclass, field
+
+import trio
+
+from sandboxd import control
+from sandboxd.control import Exited, JobHeader, Ready
+from sandboxd.jail.cgroup import RunCgroup, Usage
+from sandboxd.jobs import Job
+from sandboxd.protocol import ProtocolError, Status
+
+# How long a killed worker may take to be reaped before the run is declared lost.
+KILL_GRACE = 10.0
+READ_CHUNK = 65536
+
+
+@dataclass
+class Output:
+    """stdout and stderr, sharing one byte budget."""
+
+    cap: int
+    stdout: bytearray = field(default_factory=bytearray)
+    stderr: bytearray = field(default_factory=bytearray)
+    exceeded: bool = False
+
+    def room(self) -> int:
+        return self.cap - len(self.stdout) - len(self.stderr)
+
+
+@dataclass
+class Outcome:
+    status: Status
+    exit_code: int | None
+    signal: int | None
+    stdout: str
+    stderr: str
+    truncated: bool
+    wall_ms: float
+    cpu_ms: float
+    peak_memory_bytes: int | None
+
+
+class Worker:
+    def __init__(
+        self,
+        worker_id: int,
+        language: str,
+        uid: int,
+        fds: list[int],
+        cgroup: RunCgroup | None,
+    ) -> None:
+        job_w, out_r, err_r, ctl = fds
+        self.worker_id = worker_id
+        self.language = language
+        self.uid = uid
+        self.cgroup = cgroup
+        self._job = trio.lowlevel.FdStream(job_w)
+        self._out = trio.lowlevel.FdStream(out_r)
+        self._err = trio.lowlevel.FdStream(err_r)
+        self._ctl = trio.socket.from_stdlib_socket(
+            socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, fileno=ctl)
+        )
+        self.exited: Exited | None = None
+
+    async def _receive(self) -> Ready | Exited:
+        packet = await self._ctl.recv(control.MAX_PACKET)
+        if not packet:
+            raise ProtocolError("internal", "worker keeper vanished")
+        message: Ready | Exited = control.keeper_decoder.decode(packet)
+        return message
+
+    async def wait_ready(self) -> None:
+        """Until the worker reports it is jailed; raises with the setup error otherwise."""
+        message = await self._receive()
+        if isinstance(message, Exited):
+            self.exited = message
+            raise ProtocolError("internal", f"worker setup failed: {message.setup_error}")
+
+    async def kill(self) -> None:
+        try:
+            await self._ctl.send(control.KILL)
+        except OSError:
+            pass  # keeper already gone: the worker died with it (parent-death signal)
+
+    async def close(self) -> None:
+        for stream in (self._job, self._out, self._err):
+            await stream.aclose()
+        self._ctl.close()
+
+    async def _feed(self, payload: bytes) -> None:
+        try:
+            await self._job.send_all(payload)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the code exited without reading all its stdin
+        finally:
+            await self._job.aclose()
+
+    async def _drain(self, stream: trio.lowlevel.FdStream, sink: bytearray, output: Output) -> None:
+        while chunk := await stream.receive_some(READ_CHUNK):
+            room = output.room()
+            if len(chunk) > room:
+                sink += chunk[: max(room, 0)]
+                if not output.exceeded:
+                    output.exceeded = True
+                    await self.kill()
+            else:
+                sink += chunk
+
+    async def run(
+        self, job: Job, deadline: float, output_cap: int, rlimit_memory_mb: int
+    ) -> Outcome:
+        """Run the job; rlimit_memory_mb 0 keeps the worker's backstop (cgroups enforce)."""
+        header = JobHeader(
+            code=job.code, preload=job.preload, timeout=job.timeout, memory_mb=rlimit_memory_mb
+        )
+        payload = control.frame_job(header) + job.stdin.encode()
+        output = Output(output_cap)
+        started = trio.current_time()
+        timed_out = False
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._feed, payload)
+            nursery.start_soon(self._drain, self._out, output.stdout, output)
+            nursery.start_soon(self._drain, self._err, output.stderr, output)
+            with trio.move_on_at(deadline):
+                self.exited = await self._wait_exit()
+            if self.exited is None:
+                timed_out = True
+                await self.kill()
+                with trio.fail_after(KILL_GRACE):
+                    self.exited = await self._wait_exit()
+        wall_ms = (trio.current_time() - started) * 1000
+        usage = self.cgroup.usage() if self.cgroup else None
+        return outcome(self.exited, output, timed_out, wall_ms, job, usage)
+
+    async def _wait_exit(self) -> Exited:
+        message = await self._receive()
+        if isinstance(message, Ready):
+            raise ProtocolError("internal", "worker reported ready twice")
+        return message
+
+    async def wait_exit(self) -> None:
+        """Until the keeper reports the exit (a worker retired without a run); never raises."""
+        try:
+            while self.exited is None:
+                message = await self._receive()
+                if isinstance(message, Exited):
+                    self.exited = message
+        except ProtocolError:
+            pass  # keeper gone: the worker went with it (parent-death signal)
+
+
+def outcome(
+    exited: Exited, output: Output, timed_out: bool, wall_ms: float, job: Job, usage: Usage | None
+) -> Outcome:
+    """The verdict, from the kernel's facts only, most specific first."""
+    status_word = exited.status
+    signum = os.WTERMSIG(status_word) if os.WIFSIGNALED(status_word) else None
+    exit_code = os.WEXITSTATUS(status_word) if os.WIFEXITED(status_word) else None
+    cpu_seconds = exited.utime + exited.stime
+    if usage is not None:
+        cpu_seconds = usage.cpu_usec / 1e6
+    cpu_limit = max(1, math.ceil(job.timeout))
+    status: Status
+    if output.exceeded:
+        status = "output_limit"
+    elif timed_out:
+        status = "timeout"
+    elif usage is not None and usage.oom_kills > 0:
+        status = "memory"
+    elif usage is not None and usage.pids_max_hits > 0:
+        status = "tasks"
+    elif signum == signal.SIGSYS:
+        status = "blocked_syscall"
+    elif signum in (signal.SIGKILL, signal.SIGXCPU) and cpu_seconds >= cpu_limit:
+        status = "timeout"  # RLIMIT_CPU
+    elif signum is not None:
+        status = "killed"
+    elif exit_code == 0:
+        status = "ok"
+    else:
+        status = "error"
+    peak = usage.peak_memory_bytes if usage is not None else None
+    return Outcome(
+        status=status,
+        exit_code=exit_code,
+        signal=signum,
+        stdout=output.stdout.decode("utf-8", errors="replace"),
+        stderr=output.stderr.decode("utf-8", errors="replace"),
+        truncated=output.exceeded,
+        wall_ms=round(wall_ms, 3),
+        cpu_ms=round(cpu_seconds * 1000, 3),
+        peak_memory_bytes=peak if peak is not None else exited.maxrss_kb * 1024,
+    )

@@ -1,0 +1,263 @@
+"""The zygote: a warm, root, single-threaded process that forks jailed workers.
+
+Started by the daemon with exactly one fd besides 0-2: a SOCK_SEQPACKET control
+socket, whose number is the only argument. The first packet is ZygoteStart with
+the JailSpec; then each SpawnOrder gets a Spawned (with the worker's fds) or a SpawnFailed. See
+sandboxd/jail/__init__.py for the process tree.
+"""
+
+from __future__ import annotations
+
+import array
+import os
+import select
+import signal
+import socket
+import sys
+from typing import NoReturn
+
+from sandboxd import control, runtimes
+from sandboxd.control import Exited, Ready, Spawned, SpawnFailed, SpawnOrder, ZygoteStart
+from sandboxd.jail import JailSpec, identity, libc, namespaces, rlimits, rootfs, seccomp
+
+# Readiness pipe of the worker while it prepares; closed before user code runs.
+READY_FD = 3
+SETUP_FAILED_EXIT = 111
+
+# Modules imported once here so that every worker starts with them warm.
+WARM_MODULES = (
+    "json",
+    "base64",
+    "re",
+    "datetime",
+    "collections",
+    "itertools",
+    "functools",
+    "math",
+    "random",
+    "string",
+    "time",
+    "typing",
+    "decimal",
+    "hashlib",
+    "uuid",
+    "traceback",
+    "linecache",
+    "threading",
+    "textwrap",
+    "dataclasses",
+    "enum",
+    "statistics",
+    "copy",
+    "urllib.parse",
+    "zoneinfo",
+    "logging",
+    "io",
+    "struct",
+    "operator",
+    "heapq",
+    "bisect",
+    "fractions",
+    "csv",
+    "pprint",
+    "html",
+    "secrets",
+    "unicodedata",
+    "encodings.idna",
+)
+
+
+def root_of(spec: JailSpec, language: str) -> str:
+    return os.path.join(spec.runtime_dir, f"root-{language}")
+
+
+class Zygote:
+    def __init__(self, sock: socket.socket, spec: JailSpec) -> None:
+        self.sock = sock
+        self.spec = spec
+        self.programs = {language: seccomp.compile_policy(language) for language in spec.roots}
+
+    def prepare(self) -> None:
+        namespaces.isolate_zygote()
+        for language, entries in self.spec.roots.items():
+            files = {"/etc/hostname": self.spec.hostname.encode() + b"\n"}
+            files.update(runtimes.get(language).root_files(self.spec))
+            rootfs.build(root_of(self.spec, language), entries, files)
+        for name in WARM_MODULES:
+            __import__(name)
+        # Keepers are reaped by the kernel; each keeper resets this for its own child.
+        signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+
+    def serve(self) -> NoReturn:
+        while True:
+            packet = self.sock.recv(control.MAX_PACKET)
+            if not packet:
+                os._exit(0)  # the daemon is gone
+            order = control.order_decoder.decode(packet)
+            if isinstance(order, SpawnOrder):
+                self.spawn(order)
+
+    def spawn(self, order: SpawnOrder) -> None:
+        job_r, job_w = os.pipe()
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            for fd in (job_r, job_w, out_r, out_w, err_r, err_w):
+                os.close(fd)
+            ours.close()
+            theirs.close()
+            self.sock.send(control.encoder.encode(SpawnFailed(order.worker_id, str(exc))))
+            return
+        if pid == 0:
+            self.sock.close()
+            ours.close()
+            for fd in (job_w, out_r, err_r):
+                os.close(fd)
+            Keeper(self, order, theirs, (job_r, out_w, err_w)).run()
+        for fd in (job_r, out_w, err_w):
+            os.close(fd)
+        theirs.close()
+        fds = array.array("i", [job_w, out_r, err_r, ours.fileno()])
+        reply = control.encoder.encode(Spawned(order.worker_id, pid))
+        self.sock.sendmsg([reply], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+        for fd in (job_w, out_r, err_r):
+            os.close(fd)
+        ours.close()
+
+
+class Keeper:
+    """Root, trusted: forks the worker into new namespaces, waits for it, reports."""
+
+    def __init__(
+        self, zygote: Zygote, order: SpawnOrder, sock: socket.socket, stdio: tuple[int, int, int]
+    ) -> None:
+        self.zygote = zygote
+        self.order = order
+        self.sock = sock
+        self.stdio = stdio
+
+    def run(self) -> NoReturn:
+        try:
+            self._run()
+        except BaseException as exc:
+            print(f"sandboxd keeper: {exc!r}", file=sys.stderr)
+        os._exit(0)
+
+    def _send(self, message: Ready | Exited) -> None:
+        try:
+            self.sock.send(control.encoder.encode(message))
+        except OSError:
+            pass  # the daemon went away; the worker is killed below or already dead
+
+    def _run(self) -> None:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
+        namespaces.isolate_worker()
+        go_r, go_w = os.pipe()
+        ready_r, ready_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(go_w)
+            os.close(ready_r)
+            worker_main(self.zygote, self.order, self.stdio, go_r, ready_w)
+        os.close(go_r)
+        os.close(ready_w)
+        for fd in self.stdio:
+            os.close(fd)
+        setup_error = ""
+        try:
+            for path in self.order.cgroup_procs:
+                with open(path, "w") as procs:
+                    procs.write(str(pid))
+            os.write(go_w, b"g")
+        except OSError as exc:
+            setup_error = f"cgroup: {exc}"
+            os.kill(pid, signal.SIGKILL)
+        os.close(go_w)
+        pidfd = os.pidfd_open(pid)
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)
+        poller.register(ready_r, select.POLLIN)
+        poller.register(self.sock, select.POLLIN)
+        ready = False
+        while True:
+            for fd, events in poller.poll():
+                if fd == pidfd:
+                    _, status, usage = os.wait4(pid, 0)
+                    if not ready and not setup_error:
+                        setup_error = "worker exited while preparing its jail"
+                    self._send(
+                        Exited(status, usage.ru_utime, usage.ru_stime, usage.ru_maxrss, setup_error)
+                    )
+                    return
+                if fd == ready_r:
+                    message = os.read(ready_r, 4096)
+                    poller.unregister(ready_r)
+                    if message == b"ok":
+                        ready = True
+                        self._send(Ready(pid))
+                    else:
+                        setup_error = message.decode(errors="replace") or "no readiness report"
+                elif fd == self.sock.fileno():
+                    request = self.sock.recv(16) if events & select.POLLIN else b""
+                    if request != control.KILL:
+                        poller.unregister(self.sock)  # hang-up: the daemon is gone
+                    os.kill(pid, signal.SIGKILL)
+
+
+def worker_main(
+    zygote: Zygote, order: SpawnOrder, stdio: tuple[int, int, int], go_r: int, ready_w: int
+) -> NoReturn:
+    """Pid 1 of the new namespaces: jail itself, report ready, run one job. Fails closed."""
+    spec = zygote.spec
+    runtime = runtimes.get(order.language)
+    report_fd = ready_w
+    step = "start"
+    try:
+        os.read(go_r, 1)  # wait until the keeper has put us into our cgroup
+        step = "fds"
+        for target, fd in enumerate((*stdio, ready_w)):
+            os.dup2(fd, target, inheritable=target < READY_FD)
+        report_fd = READY_FD
+        os.closerange(READY_FD + 1, 1 << 20)
+        step = "filesystem"
+        rootfs.enter(root_of(spec, order.language), spec.tmp_size_mb, order.uid)
+        step = "hostname"
+        libc.sethostname(spec.hostname)
+        step = "session"
+        os.setsid()
+        step = "rlimits"
+        rlimits.apply(spec)
+        step = "identity"
+        identity.drop(order.uid)
+        libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
+        step = "runtime"
+        runtime.prepare(spec)
+        step = "seccomp"
+        seccomp.load(zygote.programs[order.language])
+        step = "start"
+        runtime.start(spec, READY_FD)
+    except BaseException as exc:
+        try:
+            os.write(report_fd, f"{step}: {exc}".encode())
+        finally:
+            os._exit(SETUP_FAILED_EXIT)
+
+
+def main() -> NoReturn:
+    sock = socket.socket(fileno=int(sys.argv[1]))
+    packet = sock.recv(control.MAX_PACKET)
+    start = control.order_decoder.decode(packet)
+    if not isinstance(start, ZygoteStart):
+        raise SystemExit("sandboxd zygote: expected a start message")
+    zygote = Zygote(sock, start.spec)
+    zygote.prepare()
+    sock.send(b"ready")
+    zygote.serve()
+
+
+if __name__ == "__main__":
+    main()

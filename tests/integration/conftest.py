@@ -1,0 +1,148 @@
+"""A real daemon, as root, on this host's kernel: namespaces, chroot, seccomp, cgroups.
+
+These tests fail (they never skip) when not run as root: CI runs them as root.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+API_KEY = "integration-test-key"
+START_TIMEOUT = 60.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Daemon:
+    socket_path: str
+    http_url: str
+    api_key: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    runtime_dir: str
+    state_dir: str
+    config_path: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def request(self, payload: dict[str, Any] | bytes, timeout: float = 60.0) -> dict[str, Any]:
+        """One native request on a fresh connection; the answer as a dict."""
+        raw = payload if isinstance(payload, bytes) else json.dumps(payload).encode() + b"\n"
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(self.socket_path)
+            sock.sendall(raw)
+            data = bytearray()
+            while b"\n" not in data:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        assert data, "the daemon closed the connection without an answer"
+        answer: dict[str, Any] = json.loads(data.split(b"\n", 1)[0])
+        return answer
+
+    def run(self, code: str, language: str = "python3", **fields: Any) -> dict[str, Any]:
+        return self.request({"language": language, "code": code, **fields})
+
+    def assert_healthy(self) -> None:
+        assert self.process.poll() is None, "the daemon died"
+        answer = self.run("print('still here')")
+        assert answer["status"] == "ok", answer
+        assert answer["stdout"] == "still here\n"
+
+
+def _wait_until_serving(daemon: Daemon) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if daemon.process.poll() is not None:
+            pytest.fail(f"daemon exited at start:\n{daemon.log_path.read_text()}")
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.connect(daemon.socket_path)
+            return
+        except OSError:
+            time.sleep(0.05)
+    pytest.fail(f"daemon did not start in {START_TIMEOUT}s:\n{daemon.log_path.read_text()}")
+
+
+def start_daemon(base: Path, config_text: str = "", env: dict[str, str] | None = None) -> Daemon:
+    """Start `sandboxd serve` with its own socket, dirs and port under `base`."""
+    if os.geteuid() != 0:
+        pytest.fail("the integration tests need root (they build real jails); run them as root")
+    base.mkdir(parents=True, exist_ok=True)
+    config_path = base / "sandboxd.toml"
+    port = free_port()
+    config_path.write_text(
+        f'[http]\nlisten = "127.0.0.1:{port}"\napi_key = "{API_KEY}"\n' + config_text
+    )
+    log_path = base / "daemon.log"
+    socket_path = str(base / "sandboxd.sock")
+    runtime_dir, state_dir = str(base / "run"), str(base / "state")
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "sandboxd",
+                "serve",
+                "--config",
+                str(config_path),
+                "--socket",
+                socket_path,
+                "--runtime-dir",
+                runtime_dir,
+                "--state-dir",
+                state_dir,
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={"PATH": "/usr/bin:/bin", **(env or {})},
+        )
+    daemon = Daemon(
+        socket_path,
+        f"http://127.0.0.1:{port}",
+        API_KEY,
+        process,
+        log_path,
+        runtime_dir,
+        state_dir,
+        str(config_path),
+    )
+    _wait_until_serving(daemon)
+    return daemon
+
+
+def stop_daemon(daemon: Daemon) -> None:
+    daemon.process.terminate()
+    try:
+        daemon.process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        daemon.process.kill()
+        daemon.process.wait()
+        pytest.fail("the daemon did not stop within 30 s of SIGTERM")
+
+
+@pytest.fixture(scope="session")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    """One daemon shared by the tests that do not change its configuration."""
+    running = start_daemon(tmp_path_factory.mktemp("daemon"))
+    yield running
+    stop_daemon(running)
+    assert running.process.returncode == 0, running.log_path.read_text()

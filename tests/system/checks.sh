@@ -1,0 +1,280 @@
+#!/bin/bash
+# The system test's checks, run as root inside the Debian 12 guest from the
+# payload disk (which also holds the .deb, load.py and checks.env). Each check
+# is a function; `check GROUP FUNCTION` runs it and reports one line to
+# the host: PASS/FAIL NAME SECONDS [detail]. Groups: base (package and
+# sockets, no daemon needed), daemon (runs, limits, operation), purge.
+set -u
+export DEBIAN_FRONTEND=noninteractive LC_ALL=C.UTF-8
+# shellcheck source=/dev/null
+. ./checks.env
+RESULTS=${SANDBOXD_RESULTS:-/dev/stdout}
+JOURNAL=${SANDBOXD_JOURNAL:-/dev/null}
+PAYLOAD=$PWD
+SOCK=/run/sandboxd/sandboxd.sock
+API_KEY=dify-sandbox
+WORK=$(mktemp -d)
+failures=0
+
+report() { echo "$*" >"$RESULTS"; }
+
+check() {
+    local group=$1 name=$2 start out status took
+    if [ -n "${SANDBOXD_ONLY:-}" ] && [[ ",$SANDBOXD_ONLY," != *",$group,"* ]]; then
+        report "SKIP $name (group $group not selected)"
+        return
+    fi
+    start=$(date +%s%N)
+    out=$($name 2>&1)
+    status=$?
+    took=$(( ($(date +%s%N) - start) / 100000000 ))
+    took="$((took / 10)).$((took % 10))s"
+    if [ $status -eq 0 ]; then
+        report "PASS $name $took${out:+ $(echo "$out" | tail -1)}"
+    else
+        failures=$((failures + 1))
+        report "FAIL $name $took: $(echo "$out" | tail -8 | tr '\n' '|')"
+    fi
+}
+
+# expect WHAT ACTUAL EXPECTED
+expect() {
+    if [ "$2" != "$3" ]; then
+        echo "$1: got '$2', want '$3'"
+        return 1
+    fi
+}
+
+# A run over the native socket; prints the result JSON.
+run_json() { sandboxd run --json --language "$1" -c "$2"; }
+# field JSON KEY: one top-level field of a JSON object, as Python's str().
+field() { python3 -c 'import json, sys; print(json.loads(sys.argv[1]).get(sys.argv[2]))' "$1" "$2"; }
+
+# --- base: the package ------------------------------------------------------------
+
+install_package() {
+    apt install -y -q "$PAYLOAD"/sandboxd_*.deb
+}
+
+units_are_valid() {
+    systemd-analyze verify sandboxd.socket sandboxd-http.socket sandboxd.service sandboxd.slice
+}
+
+sockets_are_active() {
+    expect sandboxd.socket "$(systemctl is-active sandboxd.socket)" active || return 1
+    expect sandboxd-http.socket "$(systemctl is-active sandboxd-http.socket)" active || return 1
+    expect "socket enabled" "$(systemctl is-enabled sandboxd.socket)" enabled
+}
+
+service_waits_for_first_request() {
+    expect sandboxd.service "$(systemctl is-active sandboxd.service)" inactive
+}
+
+native_socket_is_root_and_group_only() {
+    expect "mode owner group" "$(stat -c '%a %U %G' "$SOCK")" "660 root sandboxd"
+}
+
+http_listens_on_loopback_only() {
+    # 127.0.0.1:8194 in /proc/net/tcp is 0100007F:2002, state 0A is LISTEN.
+    grep -q ' 0100007F:2002 00000000:0000 0A ' /proc/net/tcp || { cat /proc/net/tcp; return 1; }
+    ! grep -q ':2002 00000000:0000 0A ' <(grep -v ' 0100007F:2002 ' /proc/net/tcp)
+}
+
+config_is_a_conffile() {
+    dpkg-query -W -f='${Conffiles}\n' sandboxd | grep -q ' /etc/sandboxd/sandboxd.toml ' ||
+        { echo "not a conffile"; return 1; }
+    grep -Eq '^cgroups *= *"systemd"' /etc/sandboxd/sandboxd.toml ||
+        { echo 'packaged config does not set cgroups = "systemd"'; return 1; }
+}
+
+security_exposure() {
+    # Informational: systemd's own rating of the hardening (lower is better).
+    systemd-analyze security --no-pager sandboxd.service | tail -1
+}
+
+# --- daemon: runs, limits, operation ----------------------------------------------
+
+first_request_starts_the_service() {
+    local out
+    out=$(sandboxd run -c 'print(1)') || return 1
+    expect "stdout" "$out" 1 || return 1
+    expect sandboxd.service "$(systemctl is-active sandboxd.service)" active
+}
+
+python_over_unix_socket() {
+    local out
+    out=$(run_json python3 'import sys; print(6 * 7, sys.version_info[:2])') || return 1
+    expect status "$(field "$out" status)" ok || return 1
+    expect stdout "$(field "$out" stdout)" "42 (3, 11)"
+}
+
+nodejs_over_unix_socket() {
+    local out
+    out=$(run_json nodejs 'console.log(6 * 7)') || return 1
+    expect status "$(field "$out" status)" ok || return 1
+    expect stdout "$(field "$out" stdout)" 42
+}
+
+# dify_run LANGUAGE CODE: POST /v1/sandbox/run, prints data.stdout (fails on an error).
+dify_run() {
+    local body
+    body=$(python3 -c 'import json, sys; print(json.dumps({"language": sys.argv[1], "code": sys.argv[2], "preload": "", "enable_network": False}))' "$1" "$2")
+    curl -sS --fail-with-body -H "X-Api-Key: $API_KEY" -H 'Content-Type: application/json' \
+        --data-binary "$body" http://127.0.0.1:8194/v1/sandbox/run |
+        python3 -c 'import json, sys; r = json.load(sys.stdin); assert r["code"] == 0 and not r["data"]["error"], r; print(r["data"]["stdout"], end="")'
+}
+
+python_over_http() {
+    expect stdout "$(dify_run python3 'print(6 * 7)')" 42
+}
+
+nodejs_over_http() {
+    expect stdout "$(dify_run nodejs 'console.log(6 * 7)')" 42
+}
+
+http_requires_the_api_key() {
+    expect "status without key" "$(curl -s -o /dev/null -w '%{http_code}' \
+        --data-binary '{"language":"python3","code":"print(1)"}' http://127.0.0.1:8194/v1/sandbox/run)" 401
+}
+
+memory_bomb_gets_memory_verdict() {
+    local out
+    out=$(run_json python3 $'chunks = []\nwhile True:\n    chunks.append(b"x" * (16 << 20))') || return 1
+    expect status "$(field "$out" status)" memory || return 1
+    expect "service after OOM kill" "$(systemctl is-active sandboxd.service)" active || return 1
+    expect "next run" "$(sandboxd run -c 'print(2)')" 2
+}
+
+fork_bomb_gets_tasks_verdict() {
+    local out
+    out=$(run_json python3 $'import os\nwhile True:\n    os.fork()') || return 1
+    expect status "$(field "$out" status)" tasks || return 1
+    expect "service after fork bomb" "$(systemctl is-active sandboxd.service)" active || return 1
+    expect "next run" "$(sandboxd run -c 'print(3)')" 3
+}
+
+non_member_is_refused_member_is_served() {
+    id outsider >/dev/null 2>&1 || useradd --no-create-home outsider
+    id insider >/dev/null 2>&1 || useradd --no-create-home --groups sandboxd insider
+    if runuser -u outsider -- sandboxd run -c 'print(1)' >"$WORK/outsider" 2>&1; then
+        echo "outsider was served: $(cat "$WORK/outsider")"
+        return 1
+    fi
+    runuser -u outsider -- python3 -c "import socket; socket.socket(socket.AF_UNIX).connect('$SOCK')" \
+        2>&1 | grep -q PermissionError || { echo "outsider's connect was not EACCES"; return 1; }
+    expect "insider" "$(runuser -u insider -- sandboxd run -c 'print(5)')" 5
+}
+
+# with_load ACTION...: run ACTION while load.py keeps requests coming; print its counts.
+with_load() {
+    local stop=$WORK/stop progress=$WORK/progress before
+    rm -f "$stop" "$progress"
+    python3 "$PAYLOAD/load.py" "$SOCK" "$stop" "$progress" >"$WORK/load" &
+    local pid=$!
+    wait_progress "$progress" 3 || { touch "$stop"; wait $pid; return 1; }
+    "$@" || { touch "$stop"; wait $pid; return 1; }
+    before=$(cat "$progress")
+    wait_progress "$progress" $((before + 5)) || { touch "$stop"; wait $pid; return 1; }
+    touch "$stop"
+    wait $pid
+    cat "$WORK/load"
+}
+
+# wait_progress FILE N: until load.py has finished N requests (up to 120 s).
+wait_progress() {
+    local i
+    for i in $(seq 240); do
+        [ "$(cat "$1" 2>/dev/null || echo 0)" -ge "$2" ] && return 0
+        sleep 0.5
+    done
+    echo "load stalled at $(cat "$1" 2>/dev/null) requests"
+    return 1
+}
+
+main_pid() { systemctl show -P MainPID sandboxd.service; }
+
+reload_keeps_serving() {
+    local pid counts
+    pid=$(main_pid)
+    counts=$(with_load systemctl reload sandboxd.service) || return 1
+    expect "load during reload" "$(field "$counts" error) $(field "$counts" refused) $(field "$counts" silent)" "0 0 0" || { echo "$counts"; return 1; }
+    expect "main pid after reload" "$(main_pid)" "$pid" || return 1
+    expect sandboxd.service "$(systemctl is-active sandboxd.service)" active || return 1
+    echo "$counts"
+}
+
+restart_refuses_no_one() {
+    local pid counts
+    pid=$(main_pid)
+    counts=$(with_load systemctl restart sandboxd.service) || return 1
+    # Runs in flight at the restart may get an error answer; none may be
+    # refused or left without an answer.
+    expect "refused and silent during restart" "$(field "$counts" refused) $(field "$counts" silent)" "0 0" || { echo "$counts"; return 1; }
+    [ "$(main_pid)" != "$pid" ] || { echo "main pid unchanged: not restarted"; return 1; }
+    echo "$counts"
+}
+
+stop_finishes_in_flight_runs() {
+    run_json python3 $'import time\ntime.sleep(3)\nprint("finished")' >"$WORK/inflight" &
+    local pid=$!
+    # Stop once the run is executing (a worker is busy).
+    sleep 1
+    systemctl stop sandboxd.service || return 1
+    wait $pid || { echo "in-flight run: $(cat "$WORK/inflight")"; return 1; }
+    expect "in-flight run" "$(field "$(cat "$WORK/inflight")" stdout)" finished || return 1
+    expect "service result" "$(systemctl show -P Result sandboxd.service)" success || return 1
+    expect "exit status" "$(systemctl show -P ExecMainStatus sandboxd.service)" 0 || return 1
+    expect "socket after stop" "$(systemctl is-active sandboxd.socket)" active || return 1
+    expect "run after stop (socket activation again)" "$(sandboxd run -c 'print(7)')" 7
+}
+
+never_restarted_by_failure_or_watchdog() {
+    expect "watchdog" "$(systemctl show -P WatchdogUSec sandboxd.service)" 30s || return 1
+    expect "restarts" "$(systemctl show -P NRestarts sandboxd.service)" 0
+}
+
+# --- purge ------------------------------------------------------------------------
+
+purge_leaves_nothing() {
+    apt-get purge -y -q sandboxd || return 1
+    local left=""
+    systemctl list-unit-files 'sandboxd*' --no-legend | grep -q . && left+=" unit-files"
+    systemctl list-units --all 'sandboxd*' --no-legend | grep -v -e ' not-found ' -e '^$' | grep -q . && left+=" units"
+    getent group sandboxd >/dev/null && left+=" group"
+    for path in /var/lib/sandboxd /etc/sandboxd /usr/lib/sandboxd /usr/bin/sandboxd /run/sandboxd; do
+        [ -e "$path" ] && left+=" $path"
+    done
+    grep -q ':2002 00000000:0000 0A ' /proc/net/tcp && left+=" port-8194"
+    [ -z "$left" ] || { echo "left behind:$left"; systemctl list-units --all 'sandboxd*'; return 1; }
+}
+
+report "INFO guest up $(cut -d" " -f1 /proc/uptime)s at first check, $(uname -r), systemd $(systemctl --version | head -1 | cut -d' ' -f2), $(nproc) cpus"
+check base install_package
+check base units_are_valid
+check base sockets_are_active
+check base service_waits_for_first_request
+check base native_socket_is_root_and_group_only
+check base http_listens_on_loopback_only
+check base config_is_a_conffile
+check base security_exposure
+check daemon first_request_starts_the_service
+check daemon python_over_unix_socket
+check daemon nodejs_over_unix_socket
+check daemon python_over_http
+check daemon nodejs_over_http
+check daemon http_requires_the_api_key
+check daemon memory_bomb_gets_memory_verdict
+check daemon fork_bomb_gets_tasks_verdict
+check daemon non_member_is_refused_member_is_served
+check daemon reload_keeps_serving
+check daemon restart_refuses_no_one
+check daemon stop_finishes_in_flight_runs
+check daemon never_restarted_by_failure_or_watchdog
+check purge purge_leaves_nothing
+
+if [ $failures -gt 0 ]; then
+    journalctl -b --no-pager -o short-monotonic >"$JOURNAL" 2>&1
+    report "RESULT fail"
+else
+    report "RESULT ok"
+fi
