@@ -296,6 +296,12 @@ class Dispatcher:
         deadline = started + job.timeout
         try:
             result = await self._run_admitted(pool, job, request_id, deadline, started)
+        except ProtocolError:
+            raise
+        except Exception as error:
+            # A fault of ours must cost this request only, never the daemon.
+            log.exception("run failed inside the daemon")
+            raise ProtocolError("internal", f"sandbox failure: {error}") from error
         finally:
             self.admitted -= 1
             self.metrics.set_queue_depth(max(0, self.admitted - self.config.limits.max_workers))

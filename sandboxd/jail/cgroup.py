@@ -172,10 +172,16 @@ class LegacyCgroup:
         return [f"{path}/cgroup.procs" for path in self._dirs]
 
     def set_memory_limit(self, memory_bytes: int) -> None:
-        _write(f"{self.memory}/memory.limit_in_bytes", str(memory_bytes))
+        memory = f"{self.memory}/memory.limit_in_bytes"
         memsw = f"{self.memory}/memory.memsw.limit_in_bytes"
-        if os.path.exists(memsw):  # only with swap accounting; then no swap at all
-            _write(memsw, str(memory_bytes))
+        # With swap accounting, memory+swap equal to memory means no swap at all. The kernel
+        # keeps memory <= memory+swap at every step, so the order depends on the direction.
+        order = [memory]
+        if os.path.exists(memsw):
+            current = _read_int(memory) or 0
+            order = [memsw, memory] if memory_bytes > current else [memory, memsw]
+        for path in order:
+            _write(path, str(memory_bytes))
 
     def usage(self) -> Usage:
         usage_ns = _read_int(f"{self.cpuacct}/cpuacct.usage") or 0
