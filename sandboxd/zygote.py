@@ -183,8 +183,20 @@ class Keeper:
         poller.register(ready_r, select.POLLIN)
         poller.register(self.sock, select.POLLIN)
         ready = False
+        report_pending = True
         while True:
             for fd, events in poller.poll():
+                if fd == ready_r or (fd == pidfd and report_pending):
+                    # A worker that died while preparing still left its reason in the
+                    # pipe (its write end is closed now, so this read cannot block).
+                    message = os.read(ready_r, 4096)
+                    poller.unregister(ready_r)
+                    report_pending = False
+                    if message == b"ok":
+                        ready = True
+                        self._send(Ready(pid))
+                    else:
+                        setup_error = message.decode(errors="replace") or "no readiness report"
                 if fd == pidfd:
                     _, status, usage = os.wait4(pid, 0)
                     if not ready and not setup_error:
@@ -193,15 +205,7 @@ class Keeper:
                         Exited(status, usage.ru_utime, usage.ru_stime, usage.ru_maxrss, setup_error)
                     )
                     return
-                if fd == ready_r:
-                    message = os.read(ready_r, 4096)
-                    poller.unregister(ready_r)
-                    if message == b"ok":
-                        ready = True
-                        self._send(Ready(pid))
-                    else:
-                        setup_error = message.decode(errors="replace") or "no readiness report"
-                elif fd == self.sock.fileno():
+                if fd == self.sock.fileno():
                     request = self.sock.recv(16) if events & select.POLLIN else b""
                     if request != control.KILL:
                         poller.unregister(self.sock)  # hang-up: the daemon is gone
