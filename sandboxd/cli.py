@@ -138,9 +138,12 @@ def _serve(args: argparse.Namespace) -> int:
         )
         return 1
     logging.basicConfig(level=logging.INFO, format="sandboxd: %(levelname)s %(message)s")
-    config = _overridden(load_config(args.config), args)
+
+    def current_config() -> Config:
+        return _overridden(load_config(args.config), args)
+
     try:
-        trio.run(daemon.serve, config)
+        trio.run(daemon.serve, current_config(), current_config)
     except (daemon.StartupError, ExposureError) as error:
         print(f"sandboxd serve: {error}", file=sys.stderr)
         return 1

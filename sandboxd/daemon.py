@@ -18,10 +18,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
 
+import msgspec
 import trio
 
 from sandboxd import http, server, systemd
-from sandboxd.config import Config, parse_listen
+from sandboxd.config import Config, ConfigError, parse_listen
 from sandboxd.jail import JailSpec, rootfs
 from sandboxd.jail.cgroup import Backend, LegacyBackend, legacy_available
 from sandboxd.metrics import Metrics
@@ -152,8 +153,11 @@ def _clean_runtime_dir(path: str) -> None:
 
 
 async def serve(
-    config: Config, task_status: trio.TaskStatus[Dispatcher] = trio.TASK_STATUS_IGNORED
+    config: Config,
+    reload_config: Callable[[], Config] | None = None,
+    task_status: trio.TaskStatus[Dispatcher] = trio.TASK_STATUS_IGNORED,
 ) -> None:
+    """Serve until SIGTERM/SIGINT; on SIGHUP re-read the config with `reload_config`."""
     http.check_http_exposure(config)
     passed = systemd.listen_fds()
     notifier = systemd.Notifier.from_environ()
@@ -190,10 +194,12 @@ async def serve(
                 )
                 task_status.started(dispatcher)
                 async for signum in signals:
-                    if signum == signal.SIGHUP:
-                        log.warning("reload is not supported yet; restart to apply a new config")
-                        continue
-                    break
+                    if signum != signal.SIGHUP:
+                        break
+                    if reload_config is not None:
+                        notifier.reloading()
+                        config = await reload(dispatcher, config, reload_config)
+                        notifier.ready()
                 log.info("stopping: no new connections; waiting for %d runs", dispatcher.admitted)
                 notifier.stopping()
                 accepting.cancel()
@@ -207,6 +213,37 @@ async def serve(
     await dispatcher.stop()
     if dispatcher.cgroups is not None:
         dispatcher.cgroups.close()
+
+
+async def reload(
+    dispatcher: Dispatcher, config: Config, reload_config: Callable[[], Config]
+) -> Config:
+    """Re-read the config and switch to a new generation of pools; keep the old on error.
+
+    Listening sockets stay as they are (a restart changes them); in-flight runs finish.
+    """
+    try:
+        fresh = await trio.to_thread.run_sync(reload_config)
+        http.check_http_exposure(fresh)
+    except (ConfigError, http.ExposureError) as error:
+        log.error("reload refused, keeping the running configuration: %s", error)
+        return config
+    for key in ("socket", "socket_mode", "socket_group", "runtime_dir"):
+        if getattr(fresh.server, key) != getattr(config.server, key):
+            log.warning("server.%s changed: it takes effect on restart, not reload", key)
+    if fresh.http.listen != config.http.listen:
+        log.warning("http.listen changed: it takes effect on restart, not reload")
+    fresh = msgspec.structs.replace(
+        fresh, server=msgspec.structs.replace(fresh.server, runtime_dir=config.server.runtime_dir)
+    )
+    spec, unavailable = await trio.to_thread.run_sync(
+        build_spec, fresh, dispatcher.cgroups is not None
+    )
+    await dispatcher.replace(fresh, spec, unavailable)
+    log.info(
+        "reloaded: %s", ", ".join(f"{p.language} x{p.size}" for p in dispatcher.pools.values())
+    )
+    return fresh
 
 
 async def _status_loop(dispatcher: Dispatcher, notifier: systemd.Notifier) -> None:

@@ -112,10 +112,11 @@ class Zygote:
 
 
 class Pool:
-    """Ready workers of one language."""
+    """Ready workers of one language, all forked by one generation's zygote."""
 
-    def __init__(self, dispatcher: Dispatcher, language: Language, size: int) -> None:
-        self.dispatcher = dispatcher
+    def __init__(self, generation: Generation, language: Language, size: int) -> None:
+        self.generation = generation
+        self.dispatcher = generation.dispatcher
         self.language = language
         self.size = size
         self.preparing = 0
@@ -146,7 +147,7 @@ class Pool:
         worker: Worker | None = None
         offered = False
         try:
-            worker = await self.dispatcher.new_worker(self.language)
+            worker = await self.dispatcher.new_worker(self.generation, self.language)
             with trio.fail_after(READY_TIMEOUT):
                 await worker.wait_ready()
             self._send.send_nowait(worker)
@@ -187,8 +188,59 @@ class Pool:
         return worker
 
 
+class Generation:
+    """One zygote and its pools. A reload or a dependency switch starts a new generation
+    and retires the old one: its ready workers are closed at once, and its zygote (whose
+    death would kill its keepers and so their workers) lives until its last run is over."""
+
+    def __init__(self, dispatcher: Dispatcher, spec: JailSpec) -> None:
+        self.dispatcher = dispatcher
+        self.spec = spec
+        self.zygote = Zygote(spec)
+        config = dispatcher.config
+        sizes: dict[Language, int] = {
+            "python3": config.python3.pool_size,
+            "nodejs": config.nodejs.pool_size,
+        }
+        self.pools: dict[str, Pool] = {
+            language: Pool(self, language, effective_pool_size(size))
+            for language, size in sizes.items()
+            if language in spec.roots
+        }
+        self.live_workers = 0
+        self._scope = trio.CancelScope()
+        self._all_retired = trio.Event()
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Start the zygote and keep the pools full; started() once every pool is warm."""
+        await self.zygote.start()
+        with self._scope:
+            async with trio.open_nursery() as nursery:
+                for pool in self.pools.values():
+                    await nursery.start(pool.refill)
+                task_status.started()
+
+    def worker_started(self) -> None:
+        self.live_workers += 1
+
+    def worker_retired(self) -> None:
+        self.live_workers -= 1
+        if self.live_workers == 0 and self._scope.cancel_called:
+            self._all_retired.set()
+
+    async def retire(self) -> None:
+        """Stop refilling, close the ready workers, wait for running ones, stop the zygote."""
+        self._scope.cancel()
+        with trio.CancelScope(shield=True):
+            for pool in self.pools.values():
+                await pool.drain()
+            if self.live_workers:
+                await self._all_retired.wait()
+            await self.zygote.stop()
+
+
 class Dispatcher:
-    """The daemon's core service: admission, pools, runs (implements jobs.Service)."""
+    """The daemon's core service: admission, generations of pools, runs (jobs.Service)."""
 
     def __init__(
         self,
@@ -199,33 +251,43 @@ class Dispatcher:
         unavailable: dict[str, str] | None = None,
     ) -> None:
         self.config = config
-        self.spec = spec
         self.cgroups = cgroups
         self.metrics = metrics
         # Languages that cannot be served, with the reason (e.g. node not installed).
         self.unavailable = unavailable or {}
-        self.zygote = Zygote(spec)
         self.uids = UidPool(config.jail.uid_min, config.jail.uid_max)
         self.slots = trio.CapacityLimiter(config.limits.max_workers)
         self.admitted = 0
         self.runs_served = 0
         self._ids = itertools.count(1)
-        self._cgroups: dict[int, RunCgroup] = {}
-        sizes: dict[Language, int] = {
-            "python3": config.python3.pool_size,
-            "nodejs": config.nodejs.pool_size,
-        }
-        self.pools: dict[str, Pool] = {
-            language: Pool(self, language, effective_pool_size(size))
-            for language, size in sizes.items()
-            if language in spec.roots
-        }
+        self.generation = Generation(self, spec)
+        self._nursery: trio.Nursery | None = None
+        self._replacing = trio.Lock()
+
+    @property
+    def spec(self) -> JailSpec:
+        return self.generation.spec
+
+    @property
+    def pools(self) -> dict[str, Pool]:
+        return self.generation.pools
 
     async def start(self, nursery: trio.Nursery) -> None:
-        """Start the zygote and fill every pool; returns once all workers are ready."""
-        await self.zygote.start()
-        for pool in self.pools.values():
-            await nursery.start(pool.refill)
+        """Start the first generation; returns once all its workers are ready."""
+        self._nursery = nursery
+        await nursery.start(self.generation.run)
+
+    async def replace(self, config: Config, spec: JailSpec, unavailable: dict[str, str]) -> None:
+        """Serve from a new generation once it is warm; runs in flight finish on the old."""
+        assert self._nursery is not None, "start() first"
+        async with self._replacing:
+            self.config = config
+            self.slots.total_tokens = config.limits.max_workers
+            fresh = Generation(self, spec)
+            await self._nursery.start(fresh.run)
+            old, self.generation = self.generation, fresh
+            self.unavailable = unavailable
+            self._nursery.start_soon(old.retire)
 
     async def dependencies(self, language: Language) -> list[Dependency]:
         if language != "python3":
@@ -236,17 +298,14 @@ class Dispatcher:
         raise ProtocolError("internal", "dependency sync is not available in this build yet")
 
     async def stop(self) -> None:
-        """Retire the ready workers and stop the zygote (pools' refill tasks are done)."""
-        with trio.CancelScope(shield=True):
-            for pool in self.pools.values():
-                await pool.drain()
-            await self.zygote.stop()
+        """Retire the current generation (ready workers closed, zygote stopped)."""
+        await self.generation.retire()
 
     def _limits(self) -> Limits:
         limits = self.config.limits
         return Limits(limits.memory_mb * MIB, limits.tasks, limits.cpu_percent)
 
-    async def new_worker(self, language: str) -> Worker:
+    async def new_worker(self, generation: Generation, language: str) -> Worker:
         worker_id = next(self._ids)
         uid = self.uids.acquire()
         cgroup: RunCgroup | None = None
@@ -256,13 +315,14 @@ class Dispatcher:
             order = SpawnOrder(
                 worker_id, language, uid, cgroup.procs_files if cgroup is not None else []
             )
-            fds = await self.zygote.spawn(order)
+            fds = await generation.zygote.spawn(order)
         except BaseException:
             self.uids.release(uid)
             if cgroup is not None:
                 cgroup.remove()
             raise
-        return Worker(worker_id, language, uid, fds, cgroup)
+        generation.worker_started()
+        return Worker(worker_id, language, uid, fds, cgroup, generation.worker_retired)
 
     async def retire(self, worker: Worker) -> None:
         """Close a worker whose keeper has reported its exit (or kill it first)."""

@@ -12,6 +12,7 @@ import math
 import os
 import signal
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -61,6 +62,7 @@ class Worker:
         uid: int,
         fds: list[int],
         cgroup: RunCgroup | None,
+        on_close: Callable[[], None],
     ) -> None:
         job_w, out_r, err_r, ctl = fds
         self.worker_id = worker_id
@@ -74,6 +76,8 @@ class Worker:
             socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, fileno=ctl)
         )
         self.exited: Exited | None = None
+        # Tells the worker's generation that one fewer of its workers is alive.
+        self._on_close = on_close
 
     async def _receive(self) -> Ready | Exited:
         packet = await self._ctl.recv(control.MAX_PACKET)
@@ -99,6 +103,7 @@ class Worker:
         for stream in (self._job, self._out, self._err):
             await stream.aclose()
         self._ctl.close()
+        self._on_close()
 
     async def _feed(self, payload: bytes) -> None:
         try:

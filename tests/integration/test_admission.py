@@ -75,7 +75,7 @@ async def test_a_worker_whose_jail_setup_fails_never_runs_code(tmp_path: Path) -
     await zygote.start()
     try:
         fds = await zygote.spawn(SpawnOrder(1, "python3", 0xFFFFFFFF))
-        worker = Worker(1, "python3", 0xFFFFFFFF, fds, None)
+        worker = Worker(1, "python3", 0xFFFFFFFF, fds, None, lambda: None)
         with pytest.raises(ProtocolError) as caught:
             with trio.fail_after(30):
                 await worker.wait_ready()
