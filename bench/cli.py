@@ -64,6 +64,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "--echo", action="store_true", help="start a stand-in that runs nothing (client cost)"
     )
     parser.add_argument("--daemon-config", type=Path, help="base TOML config for the daemon")
+    parser.add_argument(
+        "--daemon-pid",
+        type=int,
+        help="pid whose RSS to report (default: the socket's listener, from SO_PEERCRED; "
+        "under socket activation that is systemd, so pass the service's MainPID)",
+    )
     parser.add_argument("--state-dir", help="passed to `sandboxd serve --state-dir`")
     parser.add_argument("--start-timeout", type=float, default=60.0, help="seconds (default 60)")
     parser.add_argument(
@@ -71,6 +77,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     )
     parser.add_argument("--runs", type=int, help="runs per cell (over all its clients)")
     parser.add_argument("--clients", type=_counts, default=[1, 4, 16], help="e.g. 1,4,16")
+    parser.add_argument(
+        "--connections",
+        type=int,
+        default=0,
+        help="connections the clients of a cell share, requests in flight on each "
+        "(default 0: one per client)",
+    )
     parser.add_argument(
         "--workloads",
         type=_names,
@@ -139,8 +152,12 @@ class DaemonBench:
         self.rss_after: int | None = None
 
     async def run(self, daemon: daemons.Daemon) -> None:
-        self.pid = await daemons.daemon_pid(daemon.socket)
+        self.pid = self.args.daemon_pid or await daemons.daemon_pid(daemon.socket)
         self.progress.say(f"daemon answers on {daemon.socket} (pid {self.pid})")
+        if self.pid == 1:
+            self.progress.say(
+                "the socket's listener is pid 1 (socket activation): pass --daemon-pid"
+            )
         missing: dict[str, str] = {}
         for workload in self.workloads:
             for _ in range(max(1, self.args.warmup)):
@@ -150,7 +167,7 @@ class DaemonBench:
                     missing[workload.key] = reason
                     break
         await trio.sleep(SETTLE_SECONDS)
-        self.rss_warm = daemons.rss_kib(self.pid)
+        self.rss_warm = daemons.rss_kib(self.pid) if self.pid != 1 else None
         for workload in self.workloads:
             for clients in self.args.clients:
                 if workload.key in missing:
@@ -160,10 +177,12 @@ class DaemonBench:
                 self.cells.append(cell)
                 self.progress.cell(cell)
         await trio.sleep(SETTLE_SECONDS)
-        self.rss_after = daemons.rss_kib(self.pid)
+        self.rss_after = daemons.rss_kib(self.pid) if self.pid != 1 else None
 
     async def _cell(self, daemon: daemons.Daemon, workload: Workload, clients: int) -> Cell:
-        async with sandboxd_clients(daemon.socket, workload, clients) as runners:
+        async with sandboxd_clients(
+            daemon.socket, workload, clients, self.args.connections
+        ) as runners:
             tally, seconds = await run_cell(runners, _budget(self.args))
         if daemon.process is not None and daemon.process.returncode is not None:
             raise daemons.DaemonFailed(

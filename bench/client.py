@@ -40,6 +40,7 @@ class Answer(msgspec.Struct):
     stderr: str = ""
     exit_code: int | None = None
     signal: int | None = None
+    wall_ms: float | None = None
     error: ErrorInfo | None = None
 
 
@@ -80,6 +81,8 @@ class Connection:
         self._stream = stream
         self._send_lock = trio.Lock()
         self._pending: dict[int, _Pending] = {}
+        # Requests given up on (client timeout): their late answers are dropped.
+        self._abandoned: set[int] = set()
         self._next_id = 0
         self._lost: str | None = None
         self._nursery_manager = trio.open_nursery()
@@ -124,16 +127,20 @@ class Connection:
         pending = _Pending()
         self._pending[request_id] = pending
         line = template.line(request_id)
+        sent = False
         try:
             async with self._send_lock:
                 start = time.perf_counter()
                 try:
                     await self._stream.send_all(line)
+                    sent = True
                 except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                     raise ConnectionLost(f"send failed: {exc!r}") from exc
             await pending.event.wait()
         finally:
-            self._pending.pop(request_id, None)
+            del self._pending[request_id]
+            if sent and not pending.event.is_set():
+                self._abandoned.add(request_id)
         if pending.answer is None:
             raise ConnectionLost(self._lost or "connection lost")
         return pending.answer, pending.arrived - start
@@ -158,6 +165,9 @@ class Connection:
 
     def _deliver(self, line: bytes, arrived: float) -> None:
         answer = _decoder.decode(line)
+        if isinstance(answer.id, int) and answer.id in self._abandoned:
+            self._abandoned.discard(answer.id)
+            return
         if not isinstance(answer.id, int) or answer.id not in self._pending:
             raise msgspec.DecodeError(f"answer with an unknown id: {line[:200]!r}")
         pending = self._pending[answer.id]

@@ -67,13 +67,20 @@ async def serve_connection(stream: trio.SocketStream, answers: dict[str, str]) -
                 await stream.send_all(b"".join(encode(answer(line, answers)) for line in lines))
 
 
-async def serve(socket_path: str, answers: dict[str, str], lifetime: float) -> None:
-    """Serves until cancelled or `lifetime` seconds have passed."""
+async def serve(
+    socket_path: str,
+    answers: dict[str, str],
+    lifetime: float,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serves until cancelled or `lifetime` seconds have passed; started once it listens."""
     if os.path.exists(socket_path):
         os.unlink(socket_path)
     listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
     await listener.bind(socket_path)
     listener.listen(128)
+    task_status.started()
 
     async def handler(stream: trio.SocketStream) -> None:
         await serve_connection(stream, answers)

@@ -10,13 +10,20 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import trio
 
 from bench.stats import Tally
 
-# A run reports (ok, latency in s, error description).
-RunOnce = Callable[[], Awaitable[tuple[bool, float, str]]]
+
+class Outcome(NamedTuple):
+    problem: str  # "" when the run was ok, else what went wrong
+    seconds: float  # latency as the client saw it
+    reported_ms: float | None = None  # the run's own wall time, as the daemon reported it
+
+
+RunOnce = Callable[[], Awaitable[Outcome]]
 
 
 class ClientStopped(Exception):
@@ -47,19 +54,19 @@ async def run_cell(clients: list[RunOnce], budget: Budget) -> tuple[Tally, float
         nonlocal started, last_end
         while started < max_runs and time.perf_counter() < deadline:
             started += 1
-            ok, seconds, description = False, 0.0, ""
-            with trio.move_on_after(budget.run_timeout) as scope:
+            outcome = None
+            with trio.move_on_after(budget.run_timeout):
                 try:
-                    ok, seconds, description = await run_once()
+                    outcome = await run_once()
                 except ClientStopped as exc:
                     tally.error(str(exc))
                     return
-            if scope.cancelled_caught:
+            if outcome is None:
                 tally.error(f"no answer within {budget.run_timeout:g} s (client timeout)")
-            elif ok:
-                tally.ok(seconds)
+            elif outcome.problem:
+                tally.error(outcome.problem)
             else:
-                tally.error(description)
+                tally.ok(outcome.seconds, outcome.reported_ms)
             last_end = time.perf_counter()
 
     async with trio.open_nursery() as nursery:

@@ -127,6 +127,7 @@ def _table(header: list[str], rows: list[list[str]], left: int) -> list[str]:
 
 def cell_rows(cells: list[Cell]) -> list[str]:
     header = ["system", "workload", "clients", "runs", "p50 ms", "p99 ms", "runs/s", "errors"]
+    header.append("run p50 ms")
     rows = []
     for c in cells:
         if c.unavailable is not None:
@@ -134,7 +135,7 @@ def cell_rows(cells: list[Cell]) -> list[str]:
             continue
         rows.append([
             c.system, c.workload, str(c.clients), str(c.runs), _ms(c.p50_ms), _ms(c.p99_ms),
-            f"{c.runs_per_s:.1f}", str(c.errors),
+            f"{c.runs_per_s:.1f}", str(c.errors), _ms(c.reported_p50_ms),
         ])  # fmt: skip
     return _table(header, rows, left=2)
 

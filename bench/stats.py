@@ -24,10 +24,13 @@ class Tally:
 
     def __init__(self) -> None:
         self.latencies: list[float] = []  # seconds, ok runs only
+        self.reported: list[float] = []  # ms, the daemon's own wall_ms of ok runs
         self.errors: Counter[str] = Counter()
 
-    def ok(self, seconds: float) -> None:
+    def ok(self, seconds: float, reported_ms: float | None = None) -> None:
         self.latencies.append(seconds)
+        if reported_ms is not None:
+            self.reported.append(reported_ms)
 
     def error(self, description: str) -> None:
         if description in self.errors or len(self.errors) < MAX_ERROR_KINDS:
@@ -52,6 +55,9 @@ class Cell(msgspec.Struct, frozen=True):
     p99_ms: float | None
     mean_ms: float | None
     runs_per_s: float  # ok runs per second of the cell's wall time
+    # p50 of the runs' wall_ms as the daemon reported it (None for baselines):
+    # the gap to p50_ms is protocol, queueing and waiting for a ready worker.
+    reported_p50_ms: float | None
     seconds: float
     error_kinds: dict[str, int] = {}
     unavailable: str | None = None  # why the row has no numbers ("n/a (...)")
@@ -70,6 +76,7 @@ def summarize(system: str, workload: str, clients: int, tally: Tally, seconds: f
         p99_ms=percentile(values, 0.99) * 1000 if has else None,
         mean_ms=sum(values) / len(values) * 1000 if has else None,
         runs_per_s=len(values) / seconds if seconds > 0 else 0.0,
+        reported_p50_ms=percentile(sorted(tally.reported), 0.50) if tally.reported else None,
         seconds=seconds,
         error_kinds=dict(tally.errors),
     )
@@ -86,6 +93,7 @@ def unavailable(system: str, workload: str, clients: int, reason: str) -> Cell:
         p99_ms=None,
         mean_ms=None,
         runs_per_s=0.0,
+        reported_p50_ms=None,
         seconds=0.0,
         unavailable=reason,
     )

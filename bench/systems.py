@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import trio
 
 from bench.client import Answer, Connection, ConnectionLost, RequestTemplate
-from bench.load import ClientStopped, RunOnce
+from bench.load import ClientStopped, Outcome, RunOnce
 from bench.workloads import Workload
 from sandboxd.protocol import Language
 
@@ -89,29 +89,32 @@ def judge_process(returncode: int, stdout: bytes, stderr: bytes, expected: str) 
 
 
 def sandboxd_run(connection: Connection, template: RequestTemplate, expected: str) -> RunOnce:
-    async def run_once() -> tuple[bool, float, str]:
+    async def run_once() -> Outcome:
         try:
             answer, seconds = await connection.request(template)
         except ConnectionLost as exc:
             raise ClientStopped(f"connection lost: {exc}") from exc
-        problem = judge_answer(answer, expected)
-        return not problem, seconds, problem
+        return Outcome(judge_answer(answer, expected), seconds, answer.wall_ms)
 
     return run_once
 
 
 @asynccontextmanager
 async def sandboxd_clients(
-    socket_path: str, workload: Workload, clients: int
+    socket_path: str, workload: Workload, clients: int, connections: int = 0
 ) -> AsyncIterator[list[RunOnce]]:
-    """One connection per client, closed when the cell is done."""
+    """`clients` run functions over `connections` connections (0: one each), round robin.
+
+    Clients sharing a connection have requests in flight on it at once.
+    """
     template = RequestTemplate(workload.language, workload.code)
+    count = clients if connections <= 0 else min(connections, clients)
     async with AsyncExitStack() as stack:
-        runners = []
-        for _ in range(clients):
-            connection = await stack.enter_async_context(await Connection.open(socket_path))
-            runners.append(sandboxd_run(connection, template, workload.expected))
-        yield runners
+        opened = [
+            await stack.enter_async_context(await Connection.open(socket_path))
+            for _ in range(count)
+        ]
+        yield [sandboxd_run(opened[i % count], template, workload.expected) for i in range(clients)]
 
 
 async def probe(socket_path: str, workload: Workload) -> Answer:
@@ -125,7 +128,7 @@ async def probe(socket_path: str, workload: Workload) -> Answer:
 def baseline_run(baseline: Baseline, workload: Workload) -> RunOnce:
     argv = baseline.command(workload.code)
 
-    async def run_once() -> tuple[bool, float, str]:
+    async def run_once() -> Outcome:
         start = time.perf_counter()
         done = await trio.run_process(
             argv,
@@ -137,6 +140,6 @@ def baseline_run(baseline: Baseline, workload: Workload) -> RunOnce:
         )
         seconds = time.perf_counter() - start
         problem = judge_process(done.returncode, done.stdout, done.stderr, workload.expected)
-        return not problem, seconds, problem
+        return Outcome(problem, seconds)
 
     return run_once

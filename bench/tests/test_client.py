@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import trio
 
 from bench.client import Connection, ConnectionLost, RequestTemplate
-from bench.echo import serve_connection
+from bench.echo import serve, serve_connection
+from bench.load import Budget, run_cell
+from bench.systems import sandboxd_clients
+from bench.workloads import all_workloads
 
 HELLO = RequestTemplate("python3", 'print("hello")\n')
 
@@ -134,3 +138,36 @@ async def test_peer_pid_names_the_process_at_the_other_end() -> None:
     async with Connection(client) as connection:
         assert connection.peer_pid() == os.getpid()
     await server.aclose()
+
+
+async def test_clients_sharing_one_connection_all_get_their_own_answers(tmp_path: Path) -> None:
+    socket_path = str(tmp_path / "echo.sock")
+    hello = next(w for w in all_workloads(10) if w.key == "py-hello")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(serve, socket_path, {hello.code: hello.expected}, 60.0)
+        async with sandboxd_clients(socket_path, hello, clients=8, connections=1) as runners:
+            tally, _ = await run_cell(runners, Budget(seconds=60.0, runs=200, run_timeout=10.0))
+        nursery.cancel_scope.cancel()
+    assert len(tally.latencies) == 200
+    assert tally.error_count == 0
+
+
+async def test_a_late_answer_to_an_abandoned_request_leaves_the_connection_usable(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    client, server = _pair()
+    async with server, Connection(client) as connection:
+        with trio.move_on_after(5) as scope:  # virtual time: the daemon stays silent
+            await connection.request(HELLO)
+        assert scope.cancelled_caught
+        (abandoned,) = await _read_lines(server, 1)
+        async with trio.open_nursery() as nursery:
+
+            async def fake_daemon() -> None:
+                (current,) = await _read_lines(server, 1)
+                late = _result(int(str(abandoned["id"])), "late")
+                await server.send_all(late + _result(int(str(current["id"])), "hello\n"))
+
+            nursery.start_soon(fake_daemon)
+            answer, _ = await connection.request(HELLO)
+    assert answer.stdout == "hello\n"

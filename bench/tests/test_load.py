@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import trio
 
-from bench.load import Budget, ClientStopped, RunOnce, run_cell
+from bench.load import Budget, ClientStopped, Outcome, RunOnce, run_cell
 
 
 def _counting(outcomes: list[bool]) -> RunOnce:
-    async def run_once() -> tuple[bool, float, str]:
+    async def run_once() -> Outcome:
         await trio.sleep(0)
         ok = outcomes.pop(0) if outcomes else True
-        return ok, 0.001, "" if ok else "status error"
+        return Outcome("" if ok else "status error", 0.001, 0.5)
 
     return run_once
 
@@ -20,6 +20,7 @@ async def test_a_cell_starts_exactly_its_run_budget_over_all_clients() -> None:
     budget = Budget(seconds=60.0, runs=25, run_timeout=5.0)
     tally, seconds = await run_cell([_counting([]) for _ in range(4)], budget)
     assert len(tally.latencies) == 25
+    assert tally.reported == [0.5] * 25
     assert tally.error_count == 0
     assert seconds >= 0
 
@@ -34,7 +35,7 @@ async def test_failed_runs_are_counted_with_their_description() -> None:
 async def test_a_stopped_client_counts_one_error_and_stops() -> None:
     calls = 0
 
-    async def broken() -> tuple[bool, float, str]:
+    async def broken() -> Outcome:
         nonlocal calls
         calls += 1
         raise ClientStopped("connection lost: the daemon closed the connection")
@@ -46,7 +47,7 @@ async def test_a_stopped_client_counts_one_error_and_stops() -> None:
 
 
 async def test_a_run_past_its_timeout_is_an_error(autojump_clock: trio.abc.Clock) -> None:
-    async def silent() -> tuple[bool, float, str]:
+    async def silent() -> Outcome:
         await trio.sleep_forever()
         raise AssertionError("unreachable")
 

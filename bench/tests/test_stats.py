@@ -53,3 +53,12 @@ def test_a_cell_with_only_errors_has_no_latency() -> None:
     assert cell.p50_ms is None
     assert cell.runs == 0
     assert cell.errors == 1
+
+
+def test_the_daemons_own_run_time_is_summarized_beside_the_client_latency() -> None:
+    tally = Tally()
+    for ms in (10, 20, 30):
+        tally.ok(ms / 1000, reported_ms=ms / 10)
+    cell = summarize("sandboxd", "python3 hello", 1, tally, seconds=1.0)
+    assert cell.reported_p50_ms == pytest.approx(2.0)
+    assert cell.p50_ms == pytest.approx(20.0)

@@ -65,10 +65,30 @@ def python_entries(extra_dirs: Iterable[str] = ()) -> list[RootEntry]:
     stdlib = sysconfig.get_paths()["stdlib"]
     dynload = os.path.join(stdlib, "lib-dynload")
     interpreter = os.path.realpath(os.path.join(sys.base_prefix, "bin", "python3"))
+    extra = list(extra_dirs)
     modules = [os.path.join(dynload, n) for n in os.listdir(dynload) if n.endswith(".so")]
-    libs = shared_libraries([interpreter, *modules])
-    dirs = [stdlib, *(d for d in PYTHON_DATA_DIRS if os.path.isdir(d)), *extra_dirs]
+    # Compiled packages (numpy, pandas) link host libraries too, e.g. libstdc++.
+    modules += _extension_modules(extra)
+    dirs = [stdlib, *(d for d in PYTHON_DATA_DIRS if os.path.isdir(d)), *extra]
+    libs = {
+        lib
+        for lib in shared_libraries([interpreter, *modules])
+        if not any(_is_within(lib, d) for d in dirs)  # bound with their directory already
+    }
     return [RootEntry(d, "dir") for d in dirs] + _file_entries([interpreter, *libs])
+
+
+def _is_within(path: str, directory: str) -> bool:
+    return os.path.realpath(path).startswith(os.path.realpath(directory) + os.sep)
+
+
+def _extension_modules(directories: Iterable[str]) -> list[str]:
+    """Every shared object below the given directories."""
+    found: list[str] = []
+    for directory in directories:
+        for parent, _, names in os.walk(directory):
+            found.extend(os.path.join(parent, n) for n in names if ".so" in n)
+    return found
 
 
 def node_entries(node: str, extra_dirs: Iterable[str] = ()) -> list[RootEntry]:
