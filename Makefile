@@ -30,7 +30,10 @@ $(VENV)/.stamp: pyproject.toml | apt
 
 venv: apt $(VENV)/.stamp
 
+# The jail's python packages (jinja2, requests, httpx) come from etc/; synced once.
 run: venv
+	SANDBOXD_DEPS_PYTHON_REQUIREMENTS=etc/sandboxd/python-requirements.txt \
+		$(VENV)/bin/sandboxd deps sync --language python3 --config $(CONFIG) --state-dir $(DEV_STATE)
 	$(VENV)/bin/sandboxd serve --config $(CONFIG) --state-dir $(DEV_STATE)
 
 test: venv

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import msgspec
 
-from sandboxd import __version__
+from sandboxd import __version__, deps_cli
 from sandboxd.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 
 EXIT_TIMEOUT = 124
@@ -101,6 +101,7 @@ def _parser() -> argparse.ArgumentParser:
         "and print it with what this host supports: root, cgroups, node.",
     )
     _config_option(check)
+    deps_cli.add_parsers(commands)
     return parser
 
 
@@ -241,6 +242,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(args)
         if args.command == "run":
             return _run(args)
+        if args.command == "deps":
+            return deps_cli.run(args, load_config(args.config))
         return _check(args)
     except ConfigError as error:
         print(f"sandboxd: {error}", file=sys.stderr)

@@ -21,7 +21,7 @@ from functools import partial
 import msgspec
 import trio
 
-from sandboxd import http, server, systemd
+from sandboxd import deps, http, server, systemd
 from sandboxd.config import Config, ConfigError, parse_listen
 from sandboxd.jail import JailSpec, rootfs
 from sandboxd.jail.cgroup import Backend, LegacyBackend, legacy_available
@@ -40,21 +40,15 @@ class StartupError(Exception):
     """The daemon cannot start as configured; the message says why."""
 
 
-def python_site_packages(config: Config) -> str | None:
-    """The host directory of the jail's python packages, when it has been synced."""
-    path = os.path.join(config.server.state_dir, "python", "current", "site-packages")
-    return path if os.path.isdir(path) else None
-
-
 def build_spec(config: Config, cgroups_in_force: bool) -> tuple[JailSpec, dict[str, str]]:
     """The jail spec, and the languages that cannot be served with the reason why."""
     stdlib = sysconfig.get_paths()["stdlib"]
     python_path = [stdlib, os.path.join(stdlib, "lib-dynload")]
-    python_extra: list[str] = []
-    site = python_site_packages(config)
+    python_extra: dict[str, str] = {}
+    site = deps.live_python_site_packages(config.server.state_dir)
     if site is not None:
-        python_extra.append(site)
-        python_path.append(site)
+        python_extra[site] = JAIL_SITE_PACKAGES
+        python_path.append(JAIL_SITE_PACKAGES)
     roots = {"python3": rootfs.python_entries(python_extra)}
     unavailable: dict[str, str] = {}
     node = config.nodejs.path
@@ -165,7 +159,7 @@ async def serve(
     spec, unavailable = build_spec(config, cgroups is not None)
     _clean_runtime_dir(config.server.runtime_dir)
     metrics = Metrics()
-    dispatcher = Dispatcher(config, spec, cgroups, metrics, unavailable)
+    dispatcher = Dispatcher(config, spec, cgroups, metrics, unavailable, build_spec)
     for language, reason in unavailable.items():
         log.warning("%s: %s", language, reason)
     listeners = open_listeners(config, passed)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import logging
+from http import HTTPStatus
 
 import h11
 import trio
@@ -153,7 +154,9 @@ class _Connection:
                 raise _Closed
             if self.conn.they_are_waiting_for_100_continue:
                 await self._send_bytes(
-                    self.conn.send(h11.InformationalResponse(status_code=100, headers=[]))
+                    self.conn.send(
+                        h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue")
+                    )
                 )
             with trio.CancelScope(deadline=self.deadline):
                 data = await self.stream.receive_some(RECEIVE_SIZE)
@@ -198,7 +201,10 @@ class _Connection:
         ]
         if close:
             headers.append((b"connection", b"close"))
-        data = self.conn.send(h11.Response(status_code=response.status, headers=headers))
+        reason = HTTPStatus(response.status).phrase.encode()
+        data = self.conn.send(
+            h11.Response(status_code=response.status, headers=headers, reason=reason)
+        )
         if self.method != b"HEAD":  # h11 frames a HEAD answer without a body
             data += self.conn.send(h11.Data(data=response.body)) or b""
         data += self.conn.send(h11.EndOfMessage()) or b""
@@ -241,5 +247,7 @@ async def serve_http(
         await connection.linger()
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         log.debug("HTTP client reset the connection")
+    except Exception:  # a bug here must cost one connection, not the daemon's listener
+        log.exception("HTTP connection failed")
     finally:
         await stream.aclose()

@@ -25,13 +25,13 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 
 import trio
 
-from sandboxd import control
+from sandboxd import control, deps
 from sandboxd.config import Config, effective_pool_size
 from sandboxd.control import SpawnFailed, SpawnOrder, ZygoteStart
-from sandboxd.deps import installed_python
 from sandboxd.jail import JailSpec
 from sandboxd.jail.cgroup import Backend, Limits, RunCgroup
 from sandboxd.jail.identity import UidPool
@@ -41,6 +41,8 @@ from sandboxd.protocol import Language, ProtocolError, RequestId, RunResult
 from sandboxd.worker import Worker
 
 log = logging.getLogger("sandboxd.pool")
+
+SpecBuilder = Callable[[Config, bool], tuple[JailSpec, dict[str, str]]]
 
 # Consecutive spawn failures after which requests fail fast instead of waiting.
 FAILING_AFTER = 3
@@ -111,6 +113,10 @@ class Zygote:
                 await self._process.wait()
 
 
+class PoolRetired(Exception):
+    """The pool's generation was replaced while a request waited for one of its workers."""
+
+
 class Pool:
     """Ready workers of one language, all forked by one generation's zygote."""
 
@@ -153,6 +159,8 @@ class Pool:
             self._send.send_nowait(worker)
             offered = True
             self.failures = 0
+        except trio.ClosedResourceError:
+            pass  # the generation was retired while this worker got ready
         except (ProtocolError, trio.TooSlowError, OSError) as exc:
             self.failures += 1
             self.last_error = str(exc)
@@ -169,11 +177,13 @@ class Pool:
             self.dispatcher.metrics.set_ready_workers(self.language, self.ready)
 
     async def drain(self) -> None:
-        """Retire every ready worker (at stop; the refill task is cancelled first)."""
+        """Close the pool and retire every ready worker (its refill task is cancelled first).
+        Requests waiting in take() get PoolRetired and go to the current generation."""
+        self._send.close()
         while True:
             try:
                 worker = self._receive.receive_nowait()
-            except trio.WouldBlock:
+            except (trio.WouldBlock, trio.EndOfChannel):
                 return
             await self.dispatcher.retire(worker)
 
@@ -182,7 +192,10 @@ class Pool:
             raise ProtocolError(
                 "internal", f"{self.language} workers fail to start: {self.last_error}"
             )
-        worker = await self._receive.receive()
+        try:
+            worker = await self._receive.receive()
+        except trio.EndOfChannel:
+            raise PoolRetired from None
         self._wanted.set()
         self.dispatcher.metrics.set_ready_workers(self.language, self.ready)
         return worker
@@ -249,9 +262,12 @@ class Dispatcher:
         cgroups: Backend | None,
         metrics: Metrics,
         unavailable: dict[str, str] | None = None,
+        spec_builder: SpecBuilder | None = None,
     ) -> None:
         self.config = config
         self.cgroups = cgroups
+        # Builds the jail spec anew (after a dependency sync), with the languages it lacks.
+        self._spec_builder = spec_builder
         self.metrics = metrics
         # Languages that cannot be served, with the reason (e.g. node not installed).
         self.unavailable = unavailable or {}
@@ -290,12 +306,27 @@ class Dispatcher:
             self._nursery.start_soon(old.retire)
 
     async def dependencies(self, language: Language) -> list[Dependency]:
-        if language != "python3":
-            return []  # node packages arrive with the dependency environments
-        return await trio.to_thread.run_sync(installed_python, self.spec.python_site_packages)
+        state_dir = self.config.server.state_dir
+        return await trio.to_thread.run_sync(deps.installed, state_dir, language)
 
     async def sync_dependencies(self, language: Language) -> None:
-        raise ProtocolError("internal", "dependency sync is not available in this build yet")
+        """Rebuild the environment from its requirements, then switch pools onto it.
+
+        A failed sync leaves the live environment (and every pool) as it was.
+        """
+        config = self.config
+        try:
+            await trio.to_thread.run_sync(
+                deps.sync_configured, config.deps, config.server.state_dir, language
+            )
+        except deps.SyncError as error:
+            raise ProtocolError("internal", f"dependency sync failed: {error}") from error
+        if self._spec_builder is not None:
+            spec, unavailable = await trio.to_thread.run_sync(
+                self._spec_builder, config, self.cgroups is not None
+            )
+            if spec != self.spec:
+                await self.replace(config, spec, unavailable)
 
     async def stop(self) -> None:
         """Retire the current generation (ready workers closed, zygote stopped)."""
@@ -372,25 +403,35 @@ class Dispatcher:
     async def _run_admitted(
         self, pool: Pool, job: Job, request_id: RequestId, deadline: float, started: float
     ) -> RunResult:
+        """Hold one slot from taking a worker until the worker is retired."""
         worker: Worker | None = None
-        with trio.move_on_at(deadline):
-            async with self.slots:
-                worker = await pool.take()
-        if worker is None:
-            return queued_too_long(request_id, (trio.current_time() - started) * 1000)
+        holding = False
         try:
-            if worker.cgroup is not None and job.memory_mb != self.config.limits.memory_mb:
-                worker.cgroup.set_memory_limit(job.memory_mb * MIB)
-            async with self.slots:
+            with trio.move_on_at(deadline):
+                await self.slots.acquire()
+                holding = True
+                while worker is None:
+                    try:
+                        worker = await pool.take()
+                    except PoolRetired:
+                        pool = self.pools[job.language]  # the current generation's
+            if worker is None:
+                return queued_too_long(request_id, (trio.current_time() - started) * 1000)
+            try:
+                if worker.cgroup is not None and job.memory_mb != self.config.limits.memory_mb:
+                    worker.cgroup.set_memory_limit(job.memory_mb * MIB)
                 outcome = await worker.run(
                     job,
                     deadline,
                     self.config.limits.output_bytes,
                     0 if worker.cgroup is not None else job.memory_mb,
                 )
+            finally:
+                with trio.CancelScope(shield=True):
+                    await self.retire(worker)
         finally:
-            with trio.CancelScope(shield=True):
-                await self.retire(worker)
+            if holding:
+                self.slots.release()
         return RunResult(id=request_id, **outcome.__dict__)
 
 

@@ -34,11 +34,13 @@ import msgspec
 
 
 class RootEntry(msgspec.Struct, frozen=True):
-    """One host path made visible read-only in a jail root, at the same path."""
+    """One host path made visible read-only in a jail root (at the same path by default)."""
 
     path: str
     # "dir" or "file": what to create as the mount point.
     kind: str
+    # Where it appears in the jail, when not at `path`.
+    target: str = ""
 
 
 class JailSpec(msgspec.Struct, frozen=True):

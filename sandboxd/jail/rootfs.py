@@ -60,22 +60,24 @@ def _file_entries(paths: Iterable[str]) -> list[RootEntry]:
     return entries
 
 
-def python_entries(extra_dirs: Iterable[str] = ()) -> list[RootEntry]:
-    """The host's python3 installation (not the daemon's venv), its libraries and data."""
+def python_entries(extra_dirs: dict[str, str] | None = None) -> list[RootEntry]:
+    """The host's python3 installation (not the daemon's venv), its libraries and data,
+    and `extra_dirs` (host directory -> path in the jail), e.g. the dependencies."""
     stdlib = sysconfig.get_paths()["stdlib"]
     dynload = os.path.join(stdlib, "lib-dynload")
     interpreter = os.path.realpath(os.path.join(sys.base_prefix, "bin", "python3"))
-    extra = list(extra_dirs)
+    extra = list(extra_dirs or {})
     modules = [os.path.join(dynload, n) for n in os.listdir(dynload) if n.endswith(".so")]
     # Compiled packages (numpy, pandas) link host libraries too, e.g. libstdc++.
     modules += _extension_modules(extra)
-    dirs = [stdlib, *(d for d in PYTHON_DATA_DIRS if os.path.isdir(d)), *extra]
+    dirs = [stdlib, *(d for d in PYTHON_DATA_DIRS if os.path.isdir(d))]
     libs = {
         lib
         for lib in shared_libraries([interpreter, *modules])
-        if not any(_is_within(lib, d) for d in dirs)  # bound with their directory already
+        if not any(_is_within(lib, d) for d in [*dirs, *extra])  # bound with their directory
     }
-    return [RootEntry(d, "dir") for d in dirs] + _file_entries([interpreter, *libs])
+    moved = [RootEntry(path, "dir", target) for path, target in (extra_dirs or {}).items()]
+    return [RootEntry(d, "dir") for d in dirs] + moved + _file_entries([interpreter, *libs])
 
 
 def _is_within(path: str, directory: str) -> bool:
@@ -100,7 +102,7 @@ def node_entries(node: str, extra_dirs: Iterable[str] = ()) -> list[RootEntry]:
 
 
 def _mount_point(root: str, entry: RootEntry) -> str:
-    target = root + entry.path
+    target = root + (entry.target or entry.path)
     if entry.kind == "dir":
         os.makedirs(target, exist_ok=True)
     else:

@@ -18,6 +18,8 @@ from typing import Any
 
 import pytest
 
+from sandboxd import deps
+
 API_KEY = "integration-test-key"
 START_TIMEOUT = 60.0
 
@@ -81,7 +83,12 @@ def _wait_until_serving(daemon: Daemon) -> None:
     pytest.fail(f"daemon did not start in {START_TIMEOUT}s:\n{daemon.log_path.read_text()}")
 
 
-def start_daemon(base: Path, config_text: str = "", env: dict[str, str] | None = None) -> Daemon:
+def start_daemon(
+    base: Path,
+    config_text: str = "",
+    env: dict[str, str] | None = None,
+    state_dir: str | None = None,
+) -> Daemon:
     """Start `sandboxd serve` with its own socket, dirs and port under `base`."""
     if os.geteuid() != 0:
         pytest.fail("the integration tests need root (they build real jails); run them as root")
@@ -93,7 +100,8 @@ def start_daemon(base: Path, config_text: str = "", env: dict[str, str] | None =
     )
     log_path = base / "daemon.log"
     socket_path = str(base / "sandboxd.sock")
-    runtime_dir, state_dir = str(base / "run"), str(base / "state")
+    runtime_dir = str(base / "run")
+    state_dir = state_dir or str(base / "state")
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             [
@@ -139,10 +147,21 @@ def stop_daemon(daemon: Daemon) -> None:
         pytest.fail("the daemon did not stop within 30 s of SIGTERM")
 
 
+REQUIREMENTS = Path(__file__).parents[2] / "etc" / "sandboxd" / "python-requirements.txt"
+
+
 @pytest.fixture(scope="session")
-def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+def python_deps_state(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A state dir whose python environment holds the default requirements (jinja2...)."""
+    state = tmp_path_factory.mktemp("deps-state")
+    deps.sync_python(str(state), str(REQUIREMENTS))
+    return str(state)
+
+
+@pytest.fixture(scope="session")
+def daemon(tmp_path_factory: pytest.TempPathFactory, python_deps_state: str) -> Iterator[Daemon]:
     """One daemon shared by the tests that do not change its configuration."""
-    running = start_daemon(tmp_path_factory.mktemp("daemon"))
+    running = start_daemon(tmp_path_factory.mktemp("daemon"), state_dir=python_deps_state)
     yield running
     stop_daemon(running)
     assert running.process.returncode == 0, running.log_path.read_text()

@@ -372,6 +372,31 @@ async def test_a_bug_in_a_route_is_500_and_the_server_keeps_serving() -> None:
         assert (await client.get("/health")).status_code == 200
 
 
+class ExplodingStream(trio.abc.Stream):
+    """A connection whose every read fails in a way no client should be able to cause."""
+
+    def __init__(self) -> None:
+        self.closed = False
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        raise RuntimeError("not a client's doing")
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        return None
+
+    async def wait_send_all_might_not_block(self) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+async def test_an_unexpected_failure_costs_one_connection_not_the_listener() -> None:
+    stream = ExplodingStream()
+    await serve_http(stream, EchoService(), http_config(), Metrics())  # does not raise
+    assert stream.closed
+
+
 async def test_a_large_answer_arrives_whole() -> None:
     code = "é" * 300_000
     config = http_config(max_body_bytes=2_000_000)
