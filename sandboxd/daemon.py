@@ -27,6 +27,7 @@ from sandboxd.jail import JailSpec, rootfs
 from sandboxd.jail.cgroup import Backend, LegacyBackend, legacy_available
 from sandboxd.metrics import Metrics
 from sandboxd.pool import Dispatcher
+from sandboxd.runtimes.nodejs import NODE_MODULES
 
 log = logging.getLogger("sandboxd")
 
@@ -55,7 +56,8 @@ def build_spec(config: Config, cgroups_in_force: bool) -> tuple[JailSpec, dict[s
     if not (os.path.isfile(node) and os.access(node, os.X_OK)):
         unavailable["nodejs"] = f"nodejs is not installed on this host ({node} not found)"
     else:
-        roots["nodejs"] = rootfs.node_entries(node)
+        modules = deps.live_node_modules(config.server.state_dir)
+        roots["nodejs"] = rootfs.node_entries(node, {modules: NODE_MODULES} if modules else {})
     limits = config.limits
     # With cgroups the memory and tasks verdicts come from the kernel's cgroup counters,
     # so the rlimits on data and processes are only backstops above the cgroup limits.

@@ -20,9 +20,12 @@ removed except the live one, the previous one, and any still bind-mounted into a
 jail (a daemon that has not reloaded yet keeps serving from it). One lock file
 per language serialises syncs, whether from the CLI or the daemon's threads.
 
-The jail binds a directory at the same path it has on the host and puts that
-path on sys.path (or NODE_PATH), so the paths handed out here are real paths
-(live_python_site_packages, live_node_modules), never paths through `current`.
+The daemon binds the live directory read-only into the jail (at a path of the
+jail's own, put on sys.path or NODE_PATH) when it builds a generation of pools.
+The paths handed out here (live_python_site_packages, live_node_modules) are real
+paths, never paths through `current`: a generation keeps the environment it was
+built with, and moves to a new one only when the daemon builds a new generation
+(the update route, or a reload).
 Blocking functions: the daemon calls them through trio.to_thread. Every failure
 is a SyncError whose message says what to fix, with the installer's last lines.
 """
@@ -332,10 +335,6 @@ def sync_python(
     content, unless force.
     """
     content = _read_source(requirements_file, "requirements file")
-    if offline and wheelhouse is None:
-        raise SyncError("an offline sync needs a wheelhouse (a directory of wheels)")
-    if wheelhouse is not None and not os.path.isdir(wheelhouse):
-        raise SyncError(f"wheelhouse {wheelhouse} is not a directory")
     source = ["-r", os.path.abspath(requirements_file)]
     if offline:
         source += ["--no-index", "--find-links", os.path.abspath(wheelhouse or "")]
@@ -345,6 +344,10 @@ def sync_python(
         source += ["--find-links", os.path.abspath(wheelhouse)]
 
     def build(env: str) -> None:
+        if offline and wheelhouse is None:
+            raise SyncError("an offline sync needs a wheelhouse (a directory of wheels)")
+        if wheelhouse is not None and not os.path.isdir(wheelhouse):
+            raise SyncError(f"wheelhouse {wheelhouse} is not a directory")
         with open(os.path.join(env, "requirements.txt"), "wb") as handle:
             handle.write(content)  # what this environment was built from, for the admin
         # A venv without pip of its own: the host's pip installs into it (--python), so

@@ -196,9 +196,15 @@ class Pool:
             worker = await self._receive.receive()
         except trio.EndOfChannel:
             raise PoolRetired from None
-        self._wanted.set()
+        # The replacement is ordered once this run is over (refill()), so that preparing
+        # it does not compete with the run for CPU; only an empty pool refills at once.
+        if self.ready == 0:
+            self.refill_soon()
         self.dispatcher.metrics.set_ready_workers(self.language, self.ready)
         return worker
+
+    def refill_soon(self) -> None:
+        self._wanted.set()
 
 
 class Generation:
@@ -355,8 +361,15 @@ class Dispatcher:
         generation.worker_started()
         return Worker(worker_id, language, uid, fds, cgroup, generation.worker_retired)
 
-    async def retire(self, worker: Worker) -> None:
-        """Close a worker whose keeper has reported its exit (or kill it first)."""
+    async def retire(self, worker: Worker, pool: Pool | None = None) -> None:
+        """Close a worker whose keeper has reported its exit (or kill it first), then ask
+        its pool (if any) for a replacement. Shielded: it must finish even at stop."""
+        with trio.CancelScope(shield=True):
+            await self._retire(worker)
+        if pool is not None:
+            pool.refill_soon()
+
+    async def _retire(self, worker: Worker) -> None:
         if worker.exited is None:
             await worker.kill()
             with trio.move_on_after(10) as scope:
@@ -367,7 +380,7 @@ class Dispatcher:
                 return
         await worker.close()
         if worker.cgroup is not None:
-            worker.cgroup.remove()
+            await trio.to_thread.run_sync(worker.cgroup.remove)  # rmdir can take ms
         self.uids.release(worker.uid)
 
     def _admit(self) -> None:
@@ -419,16 +432,27 @@ class Dispatcher:
                 return queued_too_long(request_id, (trio.current_time() - started) * 1000)
             try:
                 if worker.cgroup is not None and job.memory_mb != self.config.limits.memory_mb:
-                    worker.cgroup.set_memory_limit(job.memory_mb * MIB)
+                    try:
+                        worker.cgroup.set_memory_limit(job.memory_mb * MIB)
+                    except OSError as error:  # EBUSY: below what the runtime already uses
+                        raise ProtocolError(
+                            "bad_request",
+                            f"memory_mb={job.memory_mb} is below what a {job.language} "
+                            f"worker needs to start ({error.strerror})",
+                        ) from error
                 outcome = await worker.run(
                     job,
                     deadline,
                     self.config.limits.output_bytes,
                     0 if worker.cgroup is not None else job.memory_mb,
                 )
-            finally:
+            except BaseException:
                 with trio.CancelScope(shield=True):
-                    await self.retire(worker)
+                    await self.retire(worker, pool)
+                raise
+            # The run is over (its keeper reaped it): answer now, tidy up after.
+            assert self._nursery is not None
+            self._nursery.start_soon(self.retire, worker, pool)
         finally:
             if holding:
                 self.slots.release()

@@ -93,12 +93,11 @@ def _extension_modules(directories: Iterable[str]) -> list[str]:
     return found
 
 
-def node_entries(node: str, extra_dirs: Iterable[str] = ()) -> list[RootEntry]:
-    """The node binary and the libraries it links."""
+def node_entries(node: str, extra_dirs: dict[str, str] | None = None) -> list[RootEntry]:
+    """The node binary and the libraries it links, and `extra_dirs` (host -> jail path)."""
     binary = os.path.realpath(node)
-    return [RootEntry(d, "dir") for d in extra_dirs] + _file_entries(
-        [binary, *shared_libraries([binary])]
-    )
+    moved = [RootEntry(path, "dir", target) for path, target in (extra_dirs or {}).items()]
+    return moved + _file_entries([binary, *shared_libraries([binary])])
 
 
 def _mount_point(root: str, entry: RootEntry) -> str:

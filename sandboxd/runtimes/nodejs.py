@@ -28,6 +28,10 @@ from typing import NoReturn
 
 from sandboxd.jail import JailSpec
 
+# Where the daemon binds the live dependency environment's node_modules in the
+# node root; require() finds packages there through NODE_PATH.
+NODE_MODULES = "/opt/sandboxd/node_modules"
+
 # The whole environment a run sees; nothing of the host's (NODE_OPTIONS,
 # NODE_EXTRA_CA_CERTS, proxies) is passed in.
 ENVIRONMENT = {
@@ -36,6 +40,7 @@ ENVIRONMENT = {
     "TMPDIR": "/tmp",
     "LANG": "C.UTF-8",
     "USER": "sandbox",
+    "NODE_PATH": NODE_MODULES,
 }
 
 HEAP_SHARE = 0.75

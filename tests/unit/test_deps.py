@@ -193,19 +193,22 @@ def test_a_missing_installer_is_a_sync_error() -> None:
         deps.run_step("npm install", ["/nonexistent/npm", "install"])
 
 
-def test_sync_errors_for_bad_sources_touch_nothing(tmp_path: Path) -> None:
+def test_sync_errors_for_bad_sources_leave_no_environment(tmp_path: Path) -> None:
     state = tmp_path / "state"
     with pytest.raises(deps.SyncError, match="cannot read the requirements file"):
         deps.sync_python(str(state), str(tmp_path / "missing.txt"))
+    assert not state.exists()
     requirements = tmp_path / "requirements.txt"
     requirements.write_text("jinja2\n")
     with pytest.raises(deps.SyncError, match="needs a wheelhouse"):
         deps.sync_python(str(state), str(requirements), offline=True)
+    assert deps.live_env(str(state), "python") is None
+    assert os.listdir(state / "python" / "envs") == []
     package_json = tmp_path / "package.json"
     package_json.write_text("{not json")
     with pytest.raises(deps.SyncError, match="not valid JSON"):
         deps.sync_node(str(state), str(package_json))
-    assert not state.exists()
+    assert not (state / "node").exists()
 
 
 def test_shipped_package_files_parse() -> None:
