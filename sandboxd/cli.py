@@ -32,6 +32,7 @@ commands:
   run     send code to a running daemon over its Unix socket and print what
           the code printed; exits with the code's exit status
   check   print the configuration in force and what this host supports
+  deps    sync or list the packages sandboxed code can import (deps --help)
 
 files:
   /etc/sandboxd/sandboxd.toml   configuration; every key is documented there

@@ -232,6 +232,14 @@ async def reload(
     fresh = msgspec.structs.replace(
         fresh, server=msgspec.structs.replace(fresh.server, runtime_dir=config.server.runtime_dir)
     )
+    for language in ("python3", "nodejs"):
+        try:
+            # A no-op in milliseconds when the requirements file is unchanged.
+            await trio.to_thread.run_sync(
+                deps.sync_configured, fresh.deps, fresh.server.state_dir, language
+            )
+        except deps.SyncError as error:
+            log.error("reload: %s dependencies unchanged: %s", language, error)
     spec, unavailable = await trio.to_thread.run_sync(
         build_spec, fresh, dispatcher.cgroups is not None
     )

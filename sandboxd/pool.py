@@ -312,8 +312,11 @@ class Dispatcher:
             self._nursery.start_soon(old.retire)
 
     async def dependencies(self, language: Language) -> list[Dependency]:
-        state_dir = self.config.server.state_dir
-        return await trio.to_thread.run_sync(deps.installed, state_dir, language)
+        """What the serving jail holds (after a CLI sync, the new env serves only on reload)."""
+        bound = [e.path for e in self.spec.roots.get(language, []) if e.target]
+        if language == "python3":
+            return await trio.to_thread.run_sync(deps.installed_python, bound[0] if bound else None)
+        return await trio.to_thread.run_sync(deps.installed_node, bound[0] if bound else None)
 
     async def sync_dependencies(self, language: Language) -> None:
         """Rebuild the environment from its requirements, then switch pools onto it.
