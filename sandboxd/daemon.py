@@ -23,8 +23,8 @@ import trio
 
 from sandboxd import deps, http, server, systemd
 from sandboxd.config import Config, ConfigError, parse_listen
-from sandboxd.jail import JailSpec, rootfs
-from sandboxd.jail.cgroup import Backend, LegacyBackend, legacy_available
+from sandboxd.jail import JailSpec, rootfs, scope
+from sandboxd.jail.scope import Placement
 from sandboxd.metrics import Metrics
 from sandboxd.pool import Dispatcher
 from sandboxd.runtimes.nodejs import NODE_MODULES
@@ -80,22 +80,18 @@ def build_spec(config: Config, cgroups_in_force: bool) -> tuple[JailSpec, dict[s
     return spec, unavailable
 
 
-def choose_cgroups(config: Config) -> Backend | None:
-    mode = config.limits.cgroups
-    if mode == "off":
-        return None
-    if legacy_available():
-        return LegacyBackend(f"sandboxd.{os.getpid()}")
-    if mode == "systemd":
-        raise StartupError(
-            '[limits] cgroups = "systemd" but no cgroup hierarchy can be used here; '
-            'run under systemd (sandboxd.service) or set cgroups = "auto"'
+def choose_cgroups(config: Config) -> Placement | None:
+    """Where run cgroups go per [limits] cgroups; StartupError if "systemd" is impossible."""
+    try:
+        placement = scope.choose(config.limits.cgroups)
+    except RuntimeError as error:
+        raise StartupError(str(error)) from error
+    if placement is None and config.limits.cgroups != "off":
+        log.warning(
+            "no usable cgroups: memory and task limits are rlimits only, and the memory and "
+            'tasks verdicts cannot be given (set [limits] cgroups = "off" to silence this)'
         )
-    log.warning(
-        "no usable cgroups: memory and task limits are rlimits only, and the memory and "
-        'tasks verdicts cannot be given (set [limits] cgroups = "off" to silence this)'
-    )
-    return None
+    return placement
 
 
 @dataclass
@@ -207,8 +203,8 @@ async def serve(
                 connections.cancel_scope.cancel()
             root.cancel_scope.cancel()
     await dispatcher.stop()
-    if dispatcher.cgroups is not None:
-        dispatcher.cgroups.close()
+    if dispatcher.placement is not None:
+        dispatcher.placement.close()
 
 
 async def reload(
@@ -241,7 +237,7 @@ async def reload(
         except deps.SyncError as error:
             log.error("reload: %s dependencies unchanged: %s", language, error)
     spec, unavailable = await trio.to_thread.run_sync(
-        build_spec, fresh, dispatcher.cgroups is not None
+        build_spec, fresh, dispatcher.placement is not None
     )
     await dispatcher.replace(fresh, spec, unavailable)
     log.info(

@@ -35,6 +35,7 @@ from sandboxd.control import SpawnFailed, SpawnOrder, ZygoteStart
 from sandboxd.jail import JailSpec
 from sandboxd.jail.cgroup import Backend, Limits, RunCgroup
 from sandboxd.jail.identity import UidPool
+from sandboxd.jail.scope import Placement
 from sandboxd.jobs import Dependency, Job
 from sandboxd.metrics import Metrics
 from sandboxd.protocol import Language, ProtocolError, RequestId, RunResult
@@ -101,6 +102,11 @@ class Zygote:
         if len(fds) != 4:
             raise ProtocolError("internal", "the zygote sent a worker without its fds")
         return fds
+
+    @property
+    def pid(self) -> int:
+        assert self._process is not None, "start() first"
+        return self._process.pid
 
     async def stop(self) -> None:
         if self._sock is not None:
@@ -226,13 +232,21 @@ class Generation:
             for language, size in sizes.items()
             if language in spec.roots
         }
+        self.number = next(dispatcher.generations)
         self.live_workers = 0
+        # The run cgroups of this generation (None: rlimits only).
+        self.cgroups: Backend | None = None
         self._scope = trio.CancelScope()
         self._all_retired = trio.Event()
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Start the zygote and keep the pools full; started() once every pool is warm."""
         await self.zygote.start()
+        placement = self.dispatcher.placement
+        if placement is not None:
+            self.cgroups = await trio.to_thread.run_sync(
+                placement.attach, self.zygote.pid, self.number
+            )
         with self._scope:
             async with trio.open_nursery() as nursery:
                 for pool in self.pools.values():
@@ -256,6 +270,8 @@ class Generation:
             if self.live_workers:
                 await self._all_retired.wait()
             await self.zygote.stop()
+            if self.cgroups is not None:
+                self.cgroups.close()
 
 
 class Dispatcher:
@@ -265,13 +281,14 @@ class Dispatcher:
         self,
         config: Config,
         spec: JailSpec,
-        cgroups: Backend | None,
+        placement: Placement | None,
         metrics: Metrics,
         unavailable: dict[str, str] | None = None,
         spec_builder: SpecBuilder | None = None,
     ) -> None:
         self.config = config
-        self.cgroups = cgroups
+        # Where each generation's run cgroups go (None: rlimits only).
+        self.placement = placement
         # Builds the jail spec anew (after a dependency sync), with the languages it lacks.
         self._spec_builder = spec_builder
         self.metrics = metrics
@@ -282,6 +299,7 @@ class Dispatcher:
         self.admitted = 0
         self.runs_served = 0
         self._ids = itertools.count(1)
+        self.generations = itertools.count(1)
         self.generation = Generation(self, spec)
         self._nursery: trio.Nursery | None = None
         self._replacing = trio.Lock()
@@ -332,7 +350,7 @@ class Dispatcher:
             raise ProtocolError("internal", f"dependency sync failed: {error}") from error
         if self._spec_builder is not None:
             spec, unavailable = await trio.to_thread.run_sync(
-                self._spec_builder, config, self.cgroups is not None
+                self._spec_builder, config, self.placement is not None
             )
             if spec != self.spec:
                 await self.replace(config, spec, unavailable)
@@ -350,8 +368,8 @@ class Dispatcher:
         uid = self.uids.acquire()
         cgroup: RunCgroup | None = None
         try:
-            if self.cgroups is not None:
-                cgroup = self.cgroups.create(f"w{worker_id}", self._limits())
+            if generation.cgroups is not None:
+                cgroup = generation.cgroups.create(f"w{worker_id}", self._limits())
             order = SpawnOrder(
                 worker_id, language, uid, cgroup.procs_files if cgroup is not None else []
             )

@@ -138,6 +138,7 @@ def start_daemon(
 
 
 def stop_daemon(daemon: Daemon) -> None:
+    """SIGTERM, then check that the daemon left no cgroup behind."""
     daemon.process.terminate()
     try:
         daemon.process.wait(timeout=30)
@@ -145,6 +146,12 @@ def stop_daemon(daemon: Daemon) -> None:
         daemon.process.kill()
         daemon.process.wait()
         pytest.fail("the daemon did not stop within 30 s of SIGTERM")
+    leftovers = [
+        path
+        for controller in ("memory", "pids", "cpu", "cpuacct")
+        if os.path.exists(path := f"/sys/fs/cgroup/{controller}/sandboxd.{daemon.process.pid}")
+    ]
+    assert leftovers == [], f"cgroups left behind: {leftovers}"
 
 
 REQUIREMENTS = Path(__file__).parents[2] / "etc" / "sandboxd" / "python-requirements.txt"
