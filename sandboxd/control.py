@@ -22,6 +22,8 @@ class SpawnOrder(msgspec.Struct, frozen=True, tag=True):
     uid: int
     # cgroup.procs files the worker is written into before it prepares its jail.
     cgroup_procs: list[str] = []
+    # Join the egress network namespace instead of the shared empty one.
+    network: bool = False
 
 
 class Spawned(msgspec.Struct, frozen=True, tag=True):

@@ -26,7 +26,7 @@ from sandboxd.config import Config, ConfigError, parse_listen
 from sandboxd.jail import JailSpec, rootfs, scope
 from sandboxd.jail.scope import Placement
 from sandboxd.metrics import Metrics
-from sandboxd.pool import Dispatcher
+from sandboxd.pool import Dispatcher, Pool
 from sandboxd.runtimes.nodejs import NODE_MODULES
 
 log = logging.getLogger("sandboxd")
@@ -182,7 +182,7 @@ async def serve(
                 notifier.ready()
                 log.info(
                     "sandboxd ready: %s",
-                    ", ".join(f"{p.language} x{p.size}" for p in dispatcher.pools.values()),
+                    describe_pools(dispatcher),
                 )
                 task_status.started(dispatcher)
                 async for signum in signals:
@@ -240,10 +240,16 @@ async def reload(
         build_spec, fresh, dispatcher.placement is not None
     )
     await dispatcher.replace(fresh, spec, unavailable)
-    log.info(
-        "reloaded: %s", ", ".join(f"{p.language} x{p.size}" for p in dispatcher.pools.values())
-    )
+    log.info("reloaded: %s", describe_pools(dispatcher))
     return fresh
+
+
+def _named_pools(dispatcher: Dispatcher) -> list[tuple[str, Pool]]:
+    return [(p.language + ("+net" if p.network else ""), p) for p in dispatcher.pools.values()]
+
+
+def describe_pools(dispatcher: Dispatcher) -> str:
+    return ", ".join(f"{name} x{p.size}" for name, p in _named_pools(dispatcher))
 
 
 async def _status_loop(dispatcher: Dispatcher, notifier: systemd.Notifier) -> None:
@@ -251,7 +257,7 @@ async def _status_loop(dispatcher: Dispatcher, notifier: systemd.Notifier) -> No
     interval = notifier.watchdog_interval()
     period = min(STATUS_INTERVAL, interval / 2) if interval else STATUS_INTERVAL
     while True:
-        ready = ", ".join(f"{p.language} {p.ready}/{p.size}" for p in dispatcher.pools.values())
+        ready = ", ".join(f"{name} {p.ready}/{p.size}" for name, p in _named_pools(dispatcher))
         notifier.status(f"ready workers: {ready}; runs served: {dispatcher.runs_served}")
         if all(p.failures < 3 for p in dispatcher.pools.values()):
             notifier.watchdog()

@@ -43,6 +43,8 @@ from sandboxd.worker import Worker
 
 log = logging.getLogger("sandboxd.pool")
 
+# A pool per language, and per whether its workers have network.
+PoolKey = tuple[Language, bool]
 SpecBuilder = Callable[[Config, bool], tuple[JailSpec, dict[str, str]]]
 
 # Consecutive spawn failures after which requests fail fast instead of waiting.
@@ -126,10 +128,14 @@ class PoolRetired(Exception):
 class Pool:
     """Ready workers of one language, all forked by one generation's zygote."""
 
-    def __init__(self, generation: Generation, language: Language, size: int) -> None:
+    def __init__(
+        self, generation: Generation, language: Language, size: int, network: bool = False
+    ) -> None:
         self.generation = generation
         self.dispatcher = generation.dispatcher
         self.language = language
+        # Whether its workers live in the egress network namespace.
+        self.network = network
         self.size = size
         self.preparing = 0
         self._send, self._receive = trio.open_memory_channel[Worker](size)
@@ -159,7 +165,7 @@ class Pool:
         worker: Worker | None = None
         offered = False
         try:
-            worker = await self.dispatcher.new_worker(self.generation, self.language)
+            worker = await self.dispatcher.new_worker(self.generation, self.language, self.network)
             with trio.fail_after(READY_TIMEOUT):
                 await worker.wait_ready()
             self._send.send_nowait(worker)
@@ -227,11 +233,18 @@ class Generation:
             "python3": config.python3.pool_size,
             "nodejs": config.nodejs.pool_size,
         }
-        self.pools: dict[str, Pool] = {
-            language: Pool(self, language, effective_pool_size(size))
+        self.pools: dict[PoolKey, Pool] = {
+            (language, False): Pool(self, language, effective_pool_size(size))
             for language, size in sizes.items()
             if language in spec.roots
         }
+        if spec.egress_netns is not None:
+            # Runs that asked for network ([network] mode = "allow") get their own,
+            # smaller pools of workers in the egress network namespace.
+            for language, size in sizes.items():
+                if language in spec.roots:
+                    net_size = max(1, effective_pool_size(size) // 2)
+                    self.pools[(language, True)] = Pool(self, language, net_size, network=True)
         self.number = next(dispatcher.generations)
         self.live_workers = 0
         # The run cgroups of this generation (None: rlimits only).
@@ -309,7 +322,7 @@ class Dispatcher:
         return self.generation.spec
 
     @property
-    def pools(self) -> dict[str, Pool]:
+    def pools(self) -> dict[PoolKey, Pool]:
         return self.generation.pools
 
     async def start(self, nursery: trio.Nursery) -> None:
@@ -363,7 +376,9 @@ class Dispatcher:
         limits = self.config.limits
         return Limits(limits.memory_mb * MIB, limits.tasks, limits.cpu_percent)
 
-    async def new_worker(self, generation: Generation, language: str) -> Worker:
+    async def new_worker(
+        self, generation: Generation, language: str, network: bool = False
+    ) -> Worker:
         worker_id = next(self._ids)
         uid = self.uids.acquire()
         cgroup: RunCgroup | None = None
@@ -371,7 +386,11 @@ class Dispatcher:
             if generation.cgroups is not None:
                 cgroup = generation.cgroups.create(f"w{worker_id}", self._limits())
             order = SpawnOrder(
-                worker_id, language, uid, cgroup.procs_files if cgroup is not None else []
+                worker_id,
+                language,
+                uid,
+                cgroup.procs_files if cgroup is not None else [],
+                network,
             )
             fds = await generation.zygote.spawn(order)
         except BaseException:
@@ -413,7 +432,7 @@ class Dispatcher:
     async def run(self, job: Job, request_id: RequestId) -> RunResult:
         if job.language in self.unavailable:
             raise ProtocolError("unsupported_language", self.unavailable[job.language])
-        pool = self.pools.get(job.language)
+        pool = self.pools.get((job.language, job.network))
         if pool is None:
             raise ProtocolError("unsupported_language", f"{job.language} is not served here")
         self._admit()
@@ -448,7 +467,7 @@ class Dispatcher:
                     try:
                         worker = await pool.take()
                     except PoolRetired:
-                        pool = self.pools[job.language]  # the current generation's
+                        pool = self.pools[(job.language, job.network)]  # the current one
             if worker is None:
                 return queued_too_long(request_id, (trio.current_time() - started) * 1000)
             try:

@@ -63,3 +63,5 @@ class JailSpec(msgspec.Struct, frozen=True):
     python_site_packages: str | None
     node_path: str
     node_bootstrap: str
+    # Network namespace (a /run/netns path) of runs with egress, None unless mode "allow".
+    egress_netns: str | None = None
