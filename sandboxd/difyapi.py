@@ -242,6 +242,8 @@ def error_text(result: RunResult) -> str:
     reason = _VERDICT_REASONS[result.status]
     if result.status == "killed" and result.signal is not None:
         reason = f"killed by signal {result.signal}"
+    if result.message:
+        reason = f"{reason} ({result.message})"
     head = f"process exited with code {code}\nerror: {reason}\n"
     # The spec gives the timeout text exactly; the other verdicts keep stderr for the user.
     return head if result.status == "timeout" else head + result.stderr

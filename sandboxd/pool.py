@@ -32,13 +32,14 @@ import trio
 from sandboxd import control, deps
 from sandboxd.config import Config, effective_pool_size
 from sandboxd.control import SpawnFailed, SpawnOrder, ZygoteStart
-from sandboxd.jail import JailSpec
+from sandboxd.jail import JailSpec, seccomp
 from sandboxd.jail.cgroup import Backend, Limits, RunCgroup
 from sandboxd.jail.identity import UidPool
 from sandboxd.jail.scope import Placement
 from sandboxd.jobs import Dependency, Job
 from sandboxd.metrics import Metrics
 from sandboxd.protocol import Language, ProtocolError, RequestId, RunResult
+from sandboxd.seccomplog import SeccompLog
 from sandboxd.worker import Worker
 
 log = logging.getLogger("sandboxd.pool")
@@ -314,6 +315,7 @@ class Dispatcher:
         self._ids = itertools.count(1)
         self.generations = itertools.count(1)
         self.generation = Generation(self, spec)
+        self.seccomp_log = SeccompLog()
         self._nursery: trio.Nursery | None = None
         self._replacing = trio.Lock()
 
@@ -371,6 +373,7 @@ class Dispatcher:
     async def stop(self) -> None:
         """Retire the current generation (ready workers closed, zygote stopped)."""
         await self.generation.retire()
+        self.seccomp_log.close()
 
     def _limits(self) -> Limits:
         limits = self.config.limits
@@ -496,6 +499,11 @@ class Dispatcher:
         finally:
             if holding:
                 self.slots.release()
+        if outcome.status == "blocked_syscall" and worker.pid is not None:
+            number = await self.seccomp_log.syscall_of(worker.pid)
+            if number is not None:
+                name = seccomp.syscall_name(number) or f"number {number}"
+                outcome.message = f"blocked system call {name}"
         return RunResult(id=request_id, **outcome.__dict__)
 
 

@@ -54,6 +54,8 @@ class RunResult(msgspec.Struct, frozen=True):
     wall_ms: float
     cpu_ms: float
     peak_memory_bytes: int | None
+    # What the daemon knows beyond the status, e.g. the name of a blocked system call.
+    message: str | None = None
 
 
 class ErrorDetail(msgspec.Struct, frozen=True):

@@ -52,6 +52,7 @@ class Outcome:
     wall_ms: float
     cpu_ms: float
     peak_memory_bytes: int | None
+    message: str | None = None
 
 
 class Worker:
@@ -76,6 +77,8 @@ class Worker:
             socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, fileno=ctl)
         )
         self.exited: Exited | None = None
+        # The worker's pid in the host's pid namespace, once it is ready.
+        self.pid: int | None = None
         # Tells the worker's generation that one fewer of its workers is alive.
         self._on_close = on_close
 
@@ -92,6 +95,7 @@ class Worker:
         if isinstance(message, Exited):
             self.exited = message
             raise ProtocolError("internal", f"worker setup failed: {message.setup_error}")
+        self.pid = message.pid
 
     async def kill(self) -> None:
         try:
