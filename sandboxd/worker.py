@@ -174,7 +174,8 @@ class Worker:
 def outcome(
     exited: Exited, output: Output, timed_out: bool, wall_ms: float, job: Job, usage: Usage | None
 ) -> Outcome:
-    """The verdict, from the kernel's facts only, most specific first."""
+    """The verdict, from the kernel's facts only, most specific first: a limit the kernel
+    enforced (OOM kill, pids.max) explains a run better than the timeout that followed."""
     status_word = exited.status
     signum = os.WTERMSIG(status_word) if os.WIFSIGNALED(status_word) else None
     exit_code = os.WEXITSTATUS(status_word) if os.WIFEXITED(status_word) else None
@@ -185,12 +186,12 @@ def outcome(
     status: Status
     if output.exceeded:
         status = "output_limit"
-    elif timed_out:
-        status = "timeout"
     elif usage is not None and usage.oom_kills > 0:
         status = "memory"
     elif usage is not None and usage.pids_max_hits > 0:
         status = "tasks"
+    elif timed_out:
+        status = "timeout"
     elif signum == signal.SIGSYS:
         status = "blocked_syscall"
     elif signum in (signal.SIGKILL, signal.SIGXCPU) and cpu_seconds >= cpu_limit:

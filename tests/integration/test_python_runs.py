@@ -83,9 +83,9 @@ def test_memory_bomb_gets_memory_verdict(daemon: Daemon) -> None:
 
 
 def test_fork_bomb_gets_tasks_verdict(daemon: Daemon) -> None:
-    answer = daemon.run("import os\nwhile True:\n    try: os.fork()\n    except OSError: pass")
-    assert answer["status"] in ("tasks", "timeout"), answer
-    assert answer["status"] == "tasks" or answer["wall_ms"] >= 1000
+    code = "import os\nwhile True:\n    try: os.fork()\n    except OSError: pass"
+    answer = daemon.run(code, timeout=2)
+    assert answer["status"] == "tasks", answer
     daemon.assert_healthy()
 
 
