@@ -23,7 +23,7 @@ import trio
 
 from sandboxd import deps, http, server, systemd
 from sandboxd.config import Config, ConfigError, parse_listen
-from sandboxd.jail import JailSpec, rootfs, scope
+from sandboxd.jail import JailSpec, network, rootfs, scope
 from sandboxd.jail.scope import Placement
 from sandboxd.metrics import Metrics
 from sandboxd.pool import Dispatcher, Pool
@@ -62,6 +62,12 @@ def build_spec(config: Config, cgroups_in_force: bool) -> tuple[JailSpec, dict[s
     # With cgroups the memory and tasks verdicts come from the kernel's cgroup counters,
     # so the rlimits on data and processes are only backstops above the cgroup limits.
     backstop = 2 if cgroups_in_force else 1
+    egress = None
+    if config.network.mode == "allow":
+        try:
+            egress = network.setup_egress(os.getpid(), config.server.runtime_dir)
+        except network.EgressError as error:
+            raise StartupError(f'[network] mode = "allow": no egress network: {error}') from error
     spec = JailSpec(
         runtime_dir=config.server.runtime_dir,
         hostname=config.jail.hostname,
@@ -76,6 +82,7 @@ def build_spec(config: Config, cgroups_in_force: bool) -> tuple[JailSpec, dict[s
         python_site_packages=site,
         node_path=os.path.realpath(node),
         node_bootstrap=NODE_BOOTSTRAP,
+        egress_netns=egress,
     )
     return spec, unavailable
 
@@ -203,6 +210,7 @@ async def serve(
                 connections.cancel_scope.cancel()
             root.cancel_scope.cancel()
     await dispatcher.stop()
+    network.teardown_egress(os.getpid(), config.server.runtime_dir)
     if dispatcher.placement is not None:
         dispatcher.placement.close()
 
@@ -236,9 +244,13 @@ async def reload(
             )
         except deps.SyncError as error:
             log.error("reload: %s dependencies unchanged: %s", language, error)
-    spec, unavailable = await trio.to_thread.run_sync(
-        build_spec, fresh, dispatcher.placement is not None
-    )
+    try:
+        spec, unavailable = await trio.to_thread.run_sync(
+            build_spec, fresh, dispatcher.placement is not None
+        )
+    except StartupError as error:
+        log.error("reload refused, keeping the running configuration: %s", error)
+        return config
     await dispatcher.replace(fresh, spec, unavailable)
     log.info("reloaded: %s", describe_pools(dispatcher))
     return fresh

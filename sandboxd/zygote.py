@@ -19,7 +19,16 @@ from typing import NoReturn
 
 from sandboxd import control, runtimes
 from sandboxd.control import Exited, Ready, Spawned, SpawnFailed, SpawnOrder, ZygoteStart
-from sandboxd.jail import JailSpec, identity, libc, namespaces, rlimits, rootfs, seccomp
+from sandboxd.jail import (
+    JailSpec,
+    identity,
+    libc,
+    namespaces,
+    network,
+    rlimits,
+    rootfs,
+    seccomp,
+)
 
 # Readiness pipe of the worker while it prepares; closed before user code runs.
 READY_FD = 3
@@ -88,6 +97,9 @@ class Zygote:
         for language, entries in self.spec.roots.items():
             files = {"/etc/hostname": self.spec.hostname.encode() + b"\n"}
             files.update(runtimes.get(language).root_files(self.spec))
+            if self.spec.egress_netns is not None:
+                # The host's resolver may be on its loopback, unreachable from the jail.
+                files["/etc/resolv.conf"] = network.resolv_conf()
             rootfs.build(root_of(self.spec, language), entries, files)
         for name in WARM_MODULES:
             __import__(name)
