@@ -156,7 +156,9 @@ class Pool:
                 while self.ready + self.preparing < self.size:
                     self.preparing += 1
                     nursery.start_soon(self._prepare_one)
-                if not started and self.ready >= self.size:
+                # Warm, or failing: a language whose workers cannot start must not keep
+                # the daemon from serving the others (its requests get `internal`).
+                if not started and (self.ready >= self.size or self.failures >= FAILING_AFTER):
                     started = True
                     task_status.started()
                 await self._wanted.wait()
@@ -312,6 +314,9 @@ class Dispatcher:
         self.slots = trio.CapacityLimiter(config.limits.max_workers)
         self.admitted = 0
         self.runs_served = 0
+        # Set at stop: new requests are refused (retryable) while in-flight ones finish.
+        self.stopping = False
+        self._idle = trio.Event()
         self._ids = itertools.count(1)
         self.generations = itertools.count(1)
         self.generation = Generation(self, spec)
@@ -426,7 +431,15 @@ class Dispatcher:
             await trio.to_thread.run_sync(worker.cgroup.remove)  # rmdir can take ms
         self.uids.release(worker.uid)
 
+    async def wait_idle(self) -> None:
+        """Until no request is admitted."""
+        while self.admitted:
+            self._idle = trio.Event()
+            await self._idle.wait()
+
     def _admit(self) -> None:
+        if self.stopping:
+            raise ProtocolError("overloaded", "the daemon is stopping; retry in a moment")
         if self.admitted >= self.config.limits.max_requests:
             raise ProtocolError("overloaded", "too many requests: the queue is full, retry later")
         self.admitted += 1
@@ -451,6 +464,8 @@ class Dispatcher:
             raise ProtocolError("internal", f"sandbox failure: {error}") from error
         finally:
             self.admitted -= 1
+            if not self.admitted:
+                self._idle.set()
             self.metrics.set_queue_depth(max(0, self.admitted - self.config.limits.max_workers))
         self.runs_served += 1
         self.metrics.observe_run(job.language, result.status, trio.current_time() - started)

@@ -180,7 +180,7 @@ def outcome(
     signum = os.WTERMSIG(status_word) if os.WIFSIGNALED(status_word) else None
     exit_code = os.WEXITSTATUS(status_word) if os.WIFEXITED(status_word) else None
     cpu_seconds = exited.utime + exited.stime
-    if usage is not None:
+    if usage is not None and usage.cpu_usec is not None:
         cpu_seconds = usage.cpu_usec / 1e6
     cpu_limit = max(1, math.ceil(job.timeout))
     status: Status

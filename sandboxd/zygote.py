@@ -111,9 +111,12 @@ class Zygote:
 
     def serve(self) -> NoReturn:
         while True:
-            packet = self.sock.recv(control.MAX_PACKET)
+            try:
+                packet = self.sock.recv(control.MAX_PACKET)
+            except OSError:
+                packet = b""
             if not packet:
-                os._exit(0)  # the daemon is gone
+                os._exit(0)  # the daemon is gone or done with this generation
             order = control.order_decoder.decode(packet)
             if isinstance(order, SpawnOrder):
                 self.spawn(order)
@@ -221,11 +224,11 @@ class Keeper:
                         ready = True
                         self._send(Ready(pid))
                     else:
-                        setup_error = message.decode(errors="replace") or "no readiness report"
+                        setup_error = message.decode(errors="replace")
                 if fd == pidfd:
                     _, status, usage = os.wait4(pid, 0)
                     if not ready and not setup_error:
-                        setup_error = "worker exited while preparing its jail"
+                        setup_error = f"worker {describe_status(status)} before it was ready"
                     self._send(
                         Exited(status, usage.ru_utime, usage.ru_stime, usage.ru_maxrss, setup_error)
                     )
@@ -235,6 +238,17 @@ class Keeper:
                     if request != control.KILL:
                         poller.unregister(self.sock)  # hang-up: the daemon is gone
                     os.kill(pid, signal.SIGKILL)
+
+
+def describe_status(status: int) -> str:
+    """A wait status in words, naming a seccomp kill (e.g. a runtime's start-up needs)."""
+    if os.WIFSIGNALED(status):
+        signum = os.WTERMSIG(status)
+        try:
+            return f"was killed by signal {signum} ({signal.Signals(signum).name})"
+        except ValueError:
+            return f"was killed by signal {signum}"
+    return f"exited with status {os.WEXITSTATUS(status)}"
 
 
 def worker_main(
@@ -282,6 +296,8 @@ def main() -> NoReturn:
     start = control.order_decoder.decode(packet)
     if not isinstance(start, ZygoteStart):
         raise SystemExit("sandboxd zygote: expected a start message")
+    # The daemon runs at a higher priority (daemon.DAEMON_NICE); workers run at the default.
+    os.setpriority(os.PRIO_PROCESS, 0, 0)
     zygote = Zygote(sock, start.spec)
     zygote.prepare()
     sock.send(b"ready")

@@ -24,14 +24,15 @@ log = logging.getLogger("sandboxd.cgroup")
 
 V1_ROOT = "/sys/fs/cgroup"
 CPU_PERIOD_US = 100_000
-CONTROLLERS_V1 = ("memory", "pids", "cpu", "cpuacct")
+CONTROLLERS_V1 = ("memory", "pids", "cpu")
 
 
 @dataclass(frozen=True)
 class Usage:
     oom_kills: int
     pids_max_hits: int
-    cpu_usec: int
+    # None where the layout does not count CPU per run (then rusage is used).
+    cpu_usec: int | None
     peak_memory_bytes: int | None
 
 
@@ -149,23 +150,26 @@ class UnifiedBackend:
 
 
 class LegacyCgroup:
+    """Each v1 directory costs a mkdir and an rmdir per run (a fraction of a millisecond
+    each, measured), so only memory and pids always; cpu only for a quota. CPU time comes
+    from the keeper's rusage instead of cpuacct."""
+
     def __init__(self, parent: str, name: str, limits: Limits) -> None:
         self.memory = f"{V1_ROOT}/memory/{parent}/{name}"
         self.pids = f"{V1_ROOT}/pids/{parent}/{name}"
-        self.cpu = f"{V1_ROOT}/cpu/{parent}/{name}"
-        self.cpuacct = f"{V1_ROOT}/cpuacct/{parent}/{name}"
+        self.cpu = f"{V1_ROOT}/cpu/{parent}/{name}" if limits.cpu_percent else None
         for path in self._dirs:
             os.makedirs(path)
         _write(f"{self.memory}/memory.swappiness", "0")
         self.set_memory_limit(limits.memory_bytes)
         _write(f"{self.pids}/pids.max", str(limits.tasks))
-        if limits.cpu_percent:
+        if self.cpu is not None:
             _write(f"{self.cpu}/cpu.cfs_period_us", str(CPU_PERIOD_US))
             _write(f"{self.cpu}/cpu.cfs_quota_us", str(limits.cpu_percent * CPU_PERIOD_US // 100))
 
     @property
     def _dirs(self) -> tuple[str, ...]:
-        return (self.memory, self.pids, self.cpu, self.cpuacct)
+        return (self.memory, self.pids) + ((self.cpu,) if self.cpu is not None else ())
 
     @property
     def procs_files(self) -> list[str]:
@@ -184,11 +188,10 @@ class LegacyCgroup:
             _write(path, str(memory_bytes))
 
     def usage(self) -> Usage:
-        usage_ns = _read_int(f"{self.cpuacct}/cpuacct.usage") or 0
         return Usage(
             oom_kills=_read_keyed(f"{self.memory}/memory.oom_control").get("oom_kill", 0),
             pids_max_hits=_read_keyed(f"{self.pids}/pids.events").get("max", 0),
-            cpu_usec=usage_ns // 1000,
+            cpu_usec=None,
             peak_memory_bytes=_read_int(f"{self.memory}/memory.max_usage_in_bytes"),
         )
 
