@@ -76,6 +76,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "--duration", type=float, help="seconds per cell (default 2; with --runs: a time cap)"
     )
     parser.add_argument("--runs", type=int, help="runs per cell (over all its clients)")
+    parser.add_argument(
+        "--think-ms",
+        type=float,
+        default=0.0,
+        help="pause of each client between runs (default 0: closed loop, i.e. throughput)",
+    )
     parser.add_argument("--clients", type=_counts, default=[1, 4, 16], help="e.g. 1,4,16")
     parser.add_argument(
         "--connections",
@@ -125,10 +131,16 @@ class Progress:
 
 
 def _budget(args: argparse.Namespace) -> Budget:
+    think = args.think_ms / 1000
     if args.runs is None:
-        return Budget(seconds=args.duration or 2.0, runs=10**9, run_timeout=args.run_timeout)
+        return Budget(
+            seconds=args.duration or 2.0, runs=10**9, run_timeout=args.run_timeout, think=think
+        )
     return Budget(
-        seconds=args.duration or RUNS_TIME_CAP, runs=args.runs, run_timeout=args.run_timeout
+        seconds=args.duration or RUNS_TIME_CAP,
+        runs=args.runs,
+        run_timeout=args.run_timeout,
+        think=think,
     )
 
 

@@ -39,6 +39,9 @@ class Budget:
     seconds: float  # stop starting runs after this long
     runs: int  # stop starting runs after this many (over all clients)
     run_timeout: float  # one run longer than this is an error (client-side bound)
+    # Seconds a client waits between an answer and its next request (0: closed loop).
+    # A closed loop measures throughput; a pause shows latency while the pools keep up.
+    think: float = 0.0
 
 
 async def run_cell(clients: list[RunOnce], budget: Budget) -> tuple[Tally, float]:
@@ -68,6 +71,8 @@ async def run_cell(clients: list[RunOnce], budget: Budget) -> tuple[Tally, float
             else:
                 tally.ok(outcome.seconds, outcome.reported_ms)
             last_end = time.perf_counter()
+            if budget.think:
+                await trio.sleep(budget.think)
 
     async with trio.open_nursery() as nursery:
         for run_once in clients:
