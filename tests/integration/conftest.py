@@ -62,6 +62,14 @@ class Daemon:
     def run(self, code: str, language: str = "python3", **fields: Any) -> dict[str, Any]:
         return self.request({"language": language, "code": code, **fields})
 
+    def wait_for_log(self, text: str, timeout: float = 60.0) -> None:
+        """Until the daemon's log holds `text` (a reload's outcome is only logged)."""
+        deadline = time.monotonic() + timeout
+        while text not in self.log_path.read_text():
+            if time.monotonic() > deadline:
+                pytest.fail(f"{text!r} not in the daemon's log:\n{self.log_path.read_text()}")
+            time.sleep(0.05)
+
     def assert_healthy(self) -> None:
         assert self.process.poll() is None, "the daemon died"
         answer = self.run("print('still here')")
@@ -148,7 +156,7 @@ def stop_daemon(daemon: Daemon) -> None:
         pytest.fail("the daemon did not stop within 30 s of SIGTERM")
     leftovers = [
         path
-        for controller in ("memory", "pids", "cpu", "cpuacct")
+        for controller in ("memory", "pids", "cpu", "cpuacct")  # cpuacct: older layouts
         if os.path.exists(path := f"/sys/fs/cgroup/{controller}/sandboxd.{daemon.process.pid}")
     ]
     assert leftovers == [], f"cgroups left behind: {leftovers}"

@@ -15,6 +15,7 @@ SOCK=/run/sandboxd/sandboxd.sock
 API_KEY=dify-sandbox
 WORK=$(mktemp -d)
 failures=0
+daemon_down=
 
 report() { echo "$*" >"$RESULTS"; }
 
@@ -24,16 +25,23 @@ check() {
         report "SKIP $name (group $group not selected)"
         return
     fi
+    if [ "$group" = daemon ] && [ -n "$daemon_down" ]; then
+        failures=$((failures + 1))
+        report "FAIL $name 0.0s: not run: the daemon did not start (first_request_starts_the_service)"
+        return
+    fi
     start=$(date +%s%N)
-    out=$($name 2>&1)
+    out=$($name 2>&1 | tr '\r' '\n'; exit "${PIPESTATUS[0]}")
     status=$?
     took=$(( ($(date +%s%N) - start) / 100000000 ))
     took="$((took / 10)).$((took % 10))s"
     if [ $status -eq 0 ]; then
-        report "PASS $name $took${out:+ $(echo "$out" | tail -1)}"
+        report "PASS $name $took${out:+ $(echo "$out" | tail -1 | tr -d '\r')}"
     else
         failures=$((failures + 1))
         report "FAIL $name $took: $(echo "$out" | tail -8 | tr '\n' '|')"
+        # Every later daemon check would only wait out its timeouts.
+        [ "$name" = first_request_starts_the_service ] && daemon_down=1
     fi
 }
 
@@ -45,15 +53,20 @@ expect() {
     fi
 }
 
-# A run over the native socket; prints the result JSON.
-run_json() { sandboxd run --json --language "$1" -c "$2"; }
+# Every client call is bounded: a daemon that never answers fails the check
+# instead of hanging the test.
+sandboxd() { timeout 180 /usr/bin/sandboxd "$@"; }
+# A run over the native socket; prints the result JSON. Its exit status is the
+# code's (non-zero for a bomb), so it is not checked: `field` fails loudly when
+# the output is not a result.
+run_json() { sandboxd run --json --language "$1" -c "$2" || true; }
 # field JSON KEY: one top-level field of a JSON object, as Python's str().
-field() { python3 -c 'import json, sys; print(json.loads(sys.argv[1]).get(sys.argv[2]))' "$1" "$2"; }
+field() { python3 -c 'import json, sys; print(json.loads(sys.argv[1]).get(sys.argv[2]))' "$1" "$2" || echo "not a JSON result: $1"; }
 
 # --- base: the package ------------------------------------------------------------
 
 install_package() {
-    apt install -y -q "$PAYLOAD"/sandboxd_*.deb
+    apt install -y -q "$PAYLOAD"/sandboxd_*.deb >"$WORK/apt.log" 2>&1 || { tail -20 "$WORK/apt.log"; return 1; }
 }
 
 units_are_valid() {
@@ -101,6 +114,11 @@ first_request_starts_the_service() {
     expect sandboxd.service "$(systemctl is-active sandboxd.service)" active
 }
 
+daemon_can_read_kernel_log() {
+    # The hardening must leave /dev/kmsg readable (blocked_syscall names the call).
+    ! journalctl -u sandboxd.service --no-pager -o cat | grep 'cannot follow /dev/kmsg'
+}
+
 python_over_unix_socket() {
     local out
     out=$(run_json python3 'import sys; print(6 * 7, sys.version_info[:2])') || return 1
@@ -119,7 +137,7 @@ nodejs_over_unix_socket() {
 dify_run() {
     local body
     body=$(python3 -c 'import json, sys; print(json.dumps({"language": sys.argv[1], "code": sys.argv[2], "preload": "", "enable_network": False}))' "$1" "$2")
-    curl -sS --fail-with-body -H "X-Api-Key: $API_KEY" -H 'Content-Type: application/json' \
+    curl -sS --max-time 180 --fail-with-body -H "X-Api-Key: $API_KEY" -H 'Content-Type: application/json' \
         --data-binary "$body" http://127.0.0.1:8194/v1/sandbox/run |
         python3 -c 'import json, sys; r = json.load(sys.stdin); assert r["code"] == 0 and not r["data"]["error"], r; print(r["data"]["stdout"], end="")'
 }
@@ -133,7 +151,7 @@ nodejs_over_http() {
 }
 
 http_requires_the_api_key() {
-    expect "status without key" "$(curl -s -o /dev/null -w '%{http_code}' \
+    expect "status without key" "$(curl -s --max-time 180 -o /dev/null -w '%{http_code}' \
         --data-binary '{"language":"python3","code":"print(1)"}' http://127.0.0.1:8194/v1/sandbox/run)" 401
 }
 
@@ -156,13 +174,13 @@ fork_bomb_gets_tasks_verdict() {
 non_member_is_refused_member_is_served() {
     id outsider >/dev/null 2>&1 || useradd --no-create-home outsider
     id insider >/dev/null 2>&1 || useradd --no-create-home --groups sandboxd insider
-    if runuser -u outsider -- sandboxd run -c 'print(1)' >"$WORK/outsider" 2>&1; then
+    if timeout 180 runuser -u outsider -- sandboxd run -c 'print(1)' >"$WORK/outsider" 2>&1; then
         echo "outsider was served: $(cat "$WORK/outsider")"
         return 1
     fi
     runuser -u outsider -- python3 -c "import socket; socket.socket(socket.AF_UNIX).connect('$SOCK')" \
         2>&1 | grep -q PermissionError || { echo "outsider's connect was not EACCES"; return 1; }
-    expect "insider" "$(runuser -u insider -- sandboxd run -c 'print(5)')" 5
+    expect "insider" "$(timeout 180 runuser -u insider -- sandboxd run -c 'print(5)')" 5
 }
 
 # with_load ACTION...: run ACTION while load.py keeps requests coming; print its counts.
@@ -172,7 +190,7 @@ with_load() {
     python3 "$PAYLOAD/load.py" "$SOCK" "$stop" "$progress" >"$WORK/load" &
     local pid=$!
     wait_progress "$progress" 3 || { touch "$stop"; wait $pid; return 1; }
-    "$@" || { touch "$stop"; wait $pid; return 1; }
+    "$@" >&2 || { touch "$stop"; wait $pid; return 1; }
     before=$(cat "$progress")
     wait_progress "$progress" $((before + 5)) || { touch "$stop"; wait $pid; return 1; }
     touch "$stop"
@@ -193,14 +211,40 @@ wait_progress() {
 
 main_pid() { systemctl show -P MainPID sandboxd.service; }
 
+# wait_active: a reload is asynchronous on systemd 252 (Type=notify): `systemctl
+# reload` returns once SIGHUP is sent; the unit is "reloading" until READY=1.
+wait_active() {
+    local i
+    for i in $(seq 240); do
+        [ "$(systemctl is-active sandboxd.service)" = active ] && return 0
+        sleep 0.5
+    done
+    echo "sandboxd.service still $(systemctl is-active sandboxd.service) after 120 s"
+    return 1
+}
+
+# The reload is done when the unit is active again and the new config is in
+# force: 3 warm python3 workers instead of the default two per core.
+reload_with_new_pool_size() {
+    sed -i '/^\[python3\]/,/^\[/ s/^#\? *pool_size = .*/pool_size = 3/' /etc/sandboxd/sandboxd.toml
+    systemctl reload sandboxd.service || return 1
+    wait_active || return 1
+    local i
+    for i in $(seq 120); do
+        [[ "$(systemctl show -P StatusText sandboxd.service)" == *"python3 "*"/3"* ]] && return 0
+        sleep 0.5
+    done
+    echo "status after reload: $(systemctl show -P StatusText sandboxd.service)"
+    return 1
+}
+
 reload_keeps_serving() {
     local pid counts
     pid=$(main_pid)
-    counts=$(with_load systemctl reload sandboxd.service) || return 1
+    counts=$(with_load reload_with_new_pool_size) || { echo "$counts"; return 1; }
     expect "load during reload" "$(field "$counts" error) $(field "$counts" refused) $(field "$counts" silent)" "0 0 0" || { echo "$counts"; return 1; }
     expect "main pid after reload" "$(main_pid)" "$pid" || return 1
-    expect sandboxd.service "$(systemctl is-active sandboxd.service)" active || return 1
-    echo "$counts"
+    echo "$counts, $(systemctl show -P StatusText sandboxd.service)"
 }
 
 restart_refuses_no_one() {
@@ -236,7 +280,7 @@ never_restarted_by_failure_or_watchdog() {
 # --- purge ------------------------------------------------------------------------
 
 purge_leaves_nothing() {
-    apt-get purge -y -q sandboxd || return 1
+    apt-get purge -y -q sandboxd >"$WORK/purge.log" 2>&1 || { tail -20 "$WORK/purge.log"; return 1; }
     local left=""
     systemctl list-unit-files 'sandboxd*' --no-legend | grep -q . && left+=" unit-files"
     systemctl list-units --all 'sandboxd*' --no-legend | grep -v -e ' not-found ' -e '^$' | grep -q . && left+=" units"
@@ -245,7 +289,7 @@ purge_leaves_nothing() {
         [ -e "$path" ] && left+=" $path"
     done
     grep -q ':2002 00000000:0000 0A ' /proc/net/tcp && left+=" port-8194"
-    [ -z "$left" ] || { echo "left behind:$left"; systemctl list-units --all 'sandboxd*'; return 1; }
+    [ -z "$left" ] || { systemctl list-units --all --no-legend 'sandboxd*'; echo "left behind:$left"; return 1; }
 }
 
 report "INFO guest up $(cut -d" " -f1 /proc/uptime)s at first check, $(uname -r), systemd $(systemctl --version | head -1 | cut -d' ' -f2), $(nproc) cpus"
@@ -258,6 +302,7 @@ check base http_listens_on_loopback_only
 check base config_is_a_conffile
 check base security_exposure
 check daemon first_request_starts_the_service
+check daemon daemon_can_read_kernel_log
 check daemon python_over_unix_socket
 check daemon nodejs_over_unix_socket
 check daemon python_over_http

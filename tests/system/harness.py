@@ -49,8 +49,9 @@ def main() -> int:
     timings: list[tuple[str, float]] = []
 
     started = time.monotonic()
-    print(f"== image (cache {args.cache})", flush=True)
-    built_image, built = image.ensure(args.cache, args.out / "image-build.log")
+    build_log = args.out / "image-build.log"
+    print(f"== image (cache {args.cache}; a miss builds it, log in {build_log})", flush=True)
+    built_image, built = image.ensure(args.cache, build_log)
     timings.append(("image " + ("built, cold cache" if built else "cached"), since(started)))
 
     started = time.monotonic()

@@ -31,7 +31,7 @@ PACKAGES = (
     "systemd", "systemd-sysv", "dbus", "udev", "linux-image-amd64", "kmod",
     # the .deb's Depends and Recommends (see packaging/debian/control)
     "python3", "python3-seccomp", "python3-pystemd", "libseccomp2", "libsystemd0",
-    "adduser", "nodejs",
+    "adduser", "nodejs", "python3-pip",
     # the checks: HTTP client, ps/pkill, runuser (util-linux is already essential)
     "curl", "procps",
 )  # fmt: skip
@@ -49,7 +49,7 @@ def mirror_url() -> str:
     texts = [Path(p).read_text() for p in sorted(glob.glob("/etc/apt/sources.list.d/*.sources"))]
     for text in texts:
         for stanza in re.split(r"\n\s*\n", text):
-            fields = dict(re.findall(r"^(\w[\w-]*):\s*(.*)$", stanza, re.M))
+            fields: dict[str, str] = dict(re.findall(r"^(\w[\w-]*):\s*(.*)$", stanza, re.M))
             if SUITE in fields.get("Suites", "").split() and "deb" in fields.get("Types", ""):
                 return fields["URIs"].split()[0]
     sources_list = Path("/etc/apt/sources.list")
@@ -121,12 +121,13 @@ def _configure(root: Path) -> None:
     (root / "etc/fstab").write_text("/dev/vda / ext4 rw,errors=remount-ro 0 1\n")
     # Let systemd create a fresh machine id on first boot of every overlay.
     (root / "etc/machine-id").write_text("")
-    shutil.copy(GUEST / "sandboxd-systemtest", root / "usr/local/sbin/sandboxd-systemtest")
+    # Not named sandboxd*: the checks assert that no such unit is left.
+    shutil.copy(GUEST / "systemtest-runner", root / "usr/local/sbin/systemtest-runner")
     units = root / "etc/systemd/system"
-    shutil.copy(GUEST / "sandboxd-systemtest.service", units / "sandboxd-systemtest.service")
+    shutil.copy(GUEST / "systemtest-runner.service", units / "systemtest-runner.service")
     wants = units / "multi-user.target.wants"
     wants.mkdir(exist_ok=True)
-    (wants / "sandboxd-systemtest.service").symlink_to("../sandboxd-systemtest.service")
+    (wants / "systemtest-runner.service").symlink_to("../systemtest-runner.service")
     # No login prompt on the serial console: nobody logs in, and its hangup
     # would only garble the boot log the harness keeps.
     (units / "serial-getty@ttyS0.service").symlink_to("/dev/null")

@@ -58,6 +58,7 @@ def make_payload(run: Run, files: dict[str, Path]) -> None:
     staging.mkdir(parents=True)
     for name, source in files.items():
         shutil.copy(source, staging / name)
+    run.payload.write_bytes(b"")  # an existing file: mke2fs does not announce creating it
     size_mb = 64 + sum(p.stat().st_size for p in staging.iterdir()) * 2 // 2**20
     subprocess.run(
         ["mke2fs", "-q", "-F", "-t", "ext4", "-L", "payload", "-d", str(staging),
@@ -73,7 +74,10 @@ def qemu_command(image: Image, run: Run) -> list[str]:
         "-accel", "tcg,thread=multi", "-cpu", "max", "-smp", str(CPUS), "-m", str(MEMORY_MB),
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-kernel", str(image.kernel), "-initrd", str(image.initrd),
-        "-append", "root=/dev/vda rw console=ttyS0 panic=-1 quiet",
+        # The journal goes to the console too: console.log shows what the guest
+        # did even when it never gets to write its journal to the port.
+        "-append", "root=/dev/vda rw console=ttyS0 panic=-1 quiet systemd.show_status=0"
+        " systemd.journald.forward_to_console=1",
         "-drive", f"file={run.overlay},format=qcow2,if=virtio,cache=unsafe",
         "-drive", f"file={run.payload},format=raw,if=virtio,readonly=on",
         "-netdev", "user,id=net0,restrict=on", "-device", "virtio-net-pci,netdev=net0",
