@@ -10,8 +10,8 @@ from sandboxd.jail import libc
 _CAP_LAST_MAX = 63
 
 
-class UidPoolExhausted(Exception):
-    pass
+class UidPoolExhausted(OSError):
+    """Every uid of the pool belongs to a live worker ([jail] uid_min..uid_max too small)."""
 
 
 class UidPool:
@@ -32,10 +32,6 @@ class UidPool:
         """Give a uid back; only once every process that had it is dead."""
         self._used.remove(uid)
         self._free.insert(0, uid)
-
-    @property
-    def in_use(self) -> int:
-        return len(self._used)
 
 
 def drop(uid: int) -> None:

@@ -35,24 +35,19 @@ NAMESPACE_FLAGS = (
 MS_RDONLY = 1
 MS_NOSUID = 2
 MS_NODEV = 4
-MS_NOEXEC = 8
 MS_REMOUNT = 32
 MS_BIND = 4096
 MS_REC = 16384
 MS_PRIVATE = 1 << 18
-MS_SLAVE = 1 << 19
 MNT_DETACH = 2
 
 # prctl options
 PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4
-PR_SET_NAME = 15
-PR_SET_SECCOMP = 22
 PR_CAPBSET_DROP = 24
 PR_SET_NO_NEW_PRIVS = 38
 PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_CLEAR_ALL = 4
-SECCOMP_MODE_FILTER = 2
 
 
 def _check(result: int) -> int:
@@ -98,11 +93,6 @@ def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 
             ctypes.c_ulong(arg5),
         )
     )
-
-
-def prctl_pointer(option: int, arg2: int, pointer: ctypes.c_void_p) -> int:
-    """prctl whose third argument is a pointer (PR_SET_SECCOMP's filter program)."""
-    return _check(_libc.prctl(ctypes.c_int(option), ctypes.c_ulong(arg2), pointer))
 
 
 def sethostname(name: str) -> None:
