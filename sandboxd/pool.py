@@ -2,19 +2,22 @@
 
 Theory of operation
 -------------------
-The daemon starts one zygote (zygote.py) and talks to it over a seqpacket
-socket: each SpawnOrder comes back as four fds (job pipe, stdout, stderr,
-keeper socket) which become a Worker (worker.py). A Pool per language keeps
-`size` workers ready or preparing: a refill task orders a new worker whenever
-one is taken, and a task per worker waits for its readiness report before the
-worker is offered to requests, so a request never pays for jail setup.
+A Generation is one zygote (zygote.py) and its pools. The daemon talks to the
+zygote over a seqpacket socket: each SpawnOrder comes back as four fds (job
+pipe, stdout, stderr, keeper socket) which become a Worker (worker.py). A Pool
+per (language, network) keeps `size` workers ready or preparing; a task per
+worker waits for its readiness report before the worker is offered, so a
+request never pays for jail setup. A taken worker's replacement is ordered
+when its run is over (at once if the pool ran dry), so preparing it does not
+compete with the run. A reload or a dependency switch starts a new generation
+and retires the old one once its last run is over.
 
 Admission (Dispatcher.run): at most max_requests requests are admitted (running
-plus waiting); beyond that, `overloaded` at once. At most max_workers run at a
-time (a CapacityLimiter). The request's deadline starts at admission, so time
-spent waiting counts against its timeout. Each worker runs one job and is then
-closed; its uid and cgroup are released only after the keeper has reaped it,
-when its whole pid namespace is gone.
+plus waiting); beyond that, `overloaded` at once. A request holds one of
+max_workers slots from taking a worker until its run is over. Its deadline
+starts at admission, so time spent waiting counts against its timeout. Each
+worker runs one job and is then retired: its uid and cgroup are released only
+after its keeper has reaped it, when its whole pid namespace is gone.
 """
 
 from __future__ import annotations
