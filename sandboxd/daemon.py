@@ -165,7 +165,10 @@ async def serve(
 ) -> None:
     """Serve until SIGTERM/SIGINT; on SIGHUP re-read the config with `reload_config`."""
     http.check_http_exposure(config)
-    os.setpriority(os.PRIO_PROCESS, 0, DAEMON_NICE)
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, DAEMON_NICE)  # sandboxd.service sets Nice= itself
+    except PermissionError:
+        log.warning("cannot raise the daemon's priority (no CAP_SYS_NICE); runs may queue longer")
     passed = systemd.listen_fds()
     notifier = systemd.Notifier.from_environ()
     cgroups = choose_cgroups(config)

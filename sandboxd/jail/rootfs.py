@@ -9,6 +9,7 @@ enter(): in each worker: a private size-capped tmpfs on /tmp, then chroot.
 
 from __future__ import annotations
 
+import mmap
 import os
 import re
 import subprocess
@@ -94,10 +95,37 @@ def _extension_modules(directories: Iterable[str]) -> list[str]:
 
 
 def node_entries(node: str, extra_dirs: dict[str, str] | None = None) -> list[RootEntry]:
-    """The node binary and the libraries it links, and `extra_dirs` (host -> jail path)."""
+    """The node binary, the libraries it links, the JavaScript files its build loads at
+    start-up (externalized builtins), and `extra_dirs` (host -> jail path)."""
     binary = os.path.realpath(node)
+    libraries = shared_libraries([binary])
     moved = [RootEntry(path, "dir", target) for path, target in (extra_dirs or {}).items()]
-    return moved + _file_entries([binary, *shared_libraries([binary])])
+    builtins = externalized_builtins(binary, libraries)
+    return moved + _file_entries([binary, *libraries, *builtins])
+
+
+# Distribution builds of node (Debian 12's node 18, with libnode.so) read some of
+# node's own JavaScript (acorn, undici, cjs-module-lexer) from their packages at
+# start-up instead of embedding it, and abort without them. The build names those
+# files in the config it embeds: NODE_SHARED_BUILTIN_<NAME>_PATH=<file>.
+_BUILTIN_MARK = b"NODE_SHARED_BUILTIN_"
+_BUILTIN_PATH = re.compile(rb"NODE_SHARED_BUILTIN_\w+_PATH=(/[^\"\s\\]+)")
+# The embedded config is one blob: its defines lie close to the first mark.
+_BUILTIN_SPAN = 1 << 16
+
+
+def externalized_builtins(binary: str, libraries: Iterable[str]) -> set[str]:
+    """The existing builtin files named by a node binary or the libnode it links: the
+    files that can hold node's config (ICU data alone is 30 MB more to scan)."""
+    found: set[str] = set()
+    libnode = [lib for lib in libraries if os.path.basename(lib).startswith("libnode")]
+    for path in [binary, *libnode]:
+        with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, prot=mmap.PROT_READ) as data:
+            start = data.find(_BUILTIN_MARK)
+            if start >= 0:
+                end = start + _BUILTIN_SPAN
+                found.update(m.decode() for m in _BUILTIN_PATH.findall(data, start, end))
+    return {path for path in found if os.path.isfile(path)}
 
 
 def _mount_point(root: str, entry: RootEntry) -> str:

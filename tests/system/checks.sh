@@ -133,10 +133,11 @@ nodejs_over_unix_socket() {
     expect stdout "$(field "$out" stdout)" 42
 }
 
-# dify_run LANGUAGE CODE: POST /v1/sandbox/run, prints data.stdout (fails on an error).
+# dify_run LANGUAGE CODE [NETWORK]: POST /v1/sandbox/run (enable_network when NETWORK
+# is "true"), prints data.stdout (fails on an error).
 dify_run() {
     local body
-    body=$(python3 -c 'import json, sys; print(json.dumps({"language": sys.argv[1], "code": sys.argv[2], "preload": "", "enable_network": False}))' "$1" "$2")
+    body=$(python3 -c 'import json, sys; print(json.dumps({"language": sys.argv[1], "code": sys.argv[2], "preload": "", "enable_network": sys.argv[3] == "true"}))' "$1" "$2" "${3:-false}")
     curl -sS --max-time 180 --fail-with-body -H "X-Api-Key: $API_KEY" -H 'Content-Type: application/json' \
         --data-binary "$body" http://127.0.0.1:8194/v1/sandbox/run |
         python3 -c 'import json, sys; r = json.load(sys.stdin); assert r["code"] == 0 and not r["data"]["error"], r; print(r["data"]["stdout"], end="")'
@@ -272,6 +273,74 @@ stop_finishes_in_flight_runs() {
     expect "run after stop (socket activation again)" "$(sandboxd run -c 'print(7)')" 7
 }
 
+# pool_scopes: the sandboxd-pool-*.scope units systemd has loaded, one a line.
+pool_scopes() { systemctl list-units --all --plain --no-legend 'sandboxd-pool-*.scope' | cut -d' ' -f1; }
+
+# After runs, a reload and a restart: the sockets, the service, the slice and the
+# current daemon's pool scope (one per live generation); no scope of an old
+# generation or an old daemon is left once its runs are done.
+units_are_only_the_live_pool() {
+    expect "next run" "$(sandboxd run -c 'print(8)')" 8 || return 1
+    local pid units unexpected i
+    pid=$(main_pid)
+    for i in $(seq 60); do
+        units=$(systemctl list-units --plain --no-legend 'sandboxd*' | cut -d' ' -f1 | sort)
+        unexpected=$(echo "$units" | grep -v -x -e sandboxd.socket -e sandboxd-http.socket \
+            -e sandboxd.service -e sandboxd.slice -e "sandboxd-pool-$pid-[0-9]*\.scope")
+        [ -z "$unexpected" ] && break
+        sleep 0.5
+    done
+    [ -z "$unexpected" ] || { echo "unexpected units after 30 s: $unexpected"; return 1; }
+    echo "$units" | grep -q -x "sandboxd-pool-$pid-[0-9]*\.scope" || { echo "no pool scope of pid $pid: $units"; return 1; }
+    echo $units
+}
+
+stop_leaves_no_pool_scope() {
+    expect "run" "$(sandboxd run -c 'print(9)')" 9 || return 1
+    [ -n "$(pool_scopes)" ] || { echo "no pool scope while the daemon runs"; return 1; }
+    systemctl stop sandboxd.service || return 1
+    local left
+    left=$(pool_scopes)
+    [ -z "$left" ] || { echo "left after stop: $left"; systemctl status --no-pager $left | head -20; return 1; }
+}
+
+# [network] mode = "allow" under the unit's hardening: the daemon builds its egress
+# network (an nft table of its own, forwarding on) and serves a run asking for
+# network. The guest has nowhere to reach: the run's own status is what counts.
+# The packaged config is restored afterwards, and the daemon then leaves no table.
+network_allow_mode_serves() {
+    local config=/etc/sandboxd/sandboxd.toml status
+    cp -a "$config" "$WORK/sandboxd.toml.orig"
+    serve_with_network_allow "$config"
+    status=$?
+    [ $status -eq 0 ] || journalctl -u sandboxd.service --no-pager -o cat -n 5
+    cp -a "$WORK/sandboxd.toml.orig" "$config"
+    systemctl restart sandboxd.service || return 1
+    expect "service with the packaged config" "$(systemctl is-active sandboxd.service)" active || return 1
+    [ $status -eq 0 ] || return 1
+    ! nft list tables | grep sandboxd || { echo "egress table left after mode allow ended"; return 1; }
+}
+
+# The guest's NIC is QEMU's user network (restrict=on: nothing leaves it) and
+# nothing configures it; mode "allow" builds egress on the IPv4 default route.
+ensure_default_route() {
+    [ -n "$(ip -4 route show default)" ] && return 0
+    local nic
+    nic=$(ip -o link show | awk -F': ' '$2 != "lo" { print $2; exit }')
+    ip link set "$nic" up && ip addr add 10.0.2.15/24 dev "$nic" && ip route add default via 10.0.2.2
+}
+
+serve_with_network_allow() {
+    ensure_default_route || { echo "no default route"; return 1; }
+    sed -i '/^\[network\]/,/^\[/ s/^#\? *mode = .*/mode = "allow"/' "$1"
+    grep -A4 '^\[network\]' "$1" | grep -qx 'mode = "allow"' || { echo "config edit failed"; return 1; }
+    systemctl restart sandboxd.service || return 1
+    expect "service with mode allow" "$(systemctl is-active sandboxd.service)" active || return 1
+    expect "run with enable_network" "$(dify_run python3 'print(10)' true)" 10 || return 1
+    nft list tables | grep -q sandboxd || { echo "no sandboxd nft table: $(nft list tables)"; return 1; }
+    expect "service after the run" "$(systemctl is-active sandboxd.service)" active
+}
+
 never_restarted_by_failure_or_watchdog() {
     expect "watchdog" "$(systemctl show -P WatchdogUSec sandboxd.service)" 30s || return 1
     expect "restarts" "$(systemctl show -P NRestarts sandboxd.service)" 0
@@ -313,7 +382,10 @@ check daemon fork_bomb_gets_tasks_verdict
 check daemon non_member_is_refused_member_is_served
 check daemon reload_keeps_serving
 check daemon restart_refuses_no_one
+check daemon units_are_only_the_live_pool
 check daemon stop_finishes_in_flight_runs
+check daemon stop_leaves_no_pool_scope
+check daemon network_allow_mode_serves
 check daemon never_restarted_by_failure_or_watchdog
 check purge purge_leaves_nothing
 

@@ -31,7 +31,7 @@ PACKAGES = (
     "systemd", "systemd-sysv", "dbus", "udev", "linux-image-amd64", "kmod",
     # the .deb's Depends and Recommends (see packaging/debian/control)
     "python3", "python3-seccomp", "python3-pystemd", "libseccomp2", "libsystemd0",
-    "adduser", "nodejs", "python3-pip",
+    "adduser", "iproute2", "nftables", "nodejs", "python3-pip",
     # the checks: HTTP client, ps/pkill, runuser (util-linux is already essential)
     "curl", "procps",
 )  # fmt: skip
