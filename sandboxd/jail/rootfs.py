@@ -25,6 +25,16 @@ DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom")
 # Host directories a python3 root holds when they exist (stdlib comes from sysconfig).
 PYTHON_DATA_DIRS = ("/usr/share/zoneinfo",)
 
+# The system's TLS trust store (public certificates and OpenSSL's config, never
+# /etc/ssl/private): Python's ssl module and Debian's node use it for https when a
+# run has network. Bound into every root where present.
+TLS_TRUST: tuple[RootEntry, ...] = (
+    RootEntry("/etc/ssl/certs", "dir"),
+    RootEntry("/usr/share/ca-certificates", "dir"),
+    RootEntry("/etc/ssl/openssl.cnf", "file"),
+    RootEntry("/usr/lib/ssl", "dir"),  # symlinks into /etc/ssl
+)
+
 # Small files written into every root; no host /etc is visible.
 ETC_FILES: dict[str, bytes] = {
     "/etc/passwd": b"root:x:0:0:root:/:/bin/false\nnobody:x:65534:65534:nobody:/:/bin/false\n",
@@ -78,7 +88,12 @@ def python_entries(extra_dirs: dict[str, str] | None = None) -> list[RootEntry]:
         if not any(_is_within(lib, d) for d in [*dirs, *extra])  # bound with their directory
     }
     moved = [RootEntry(path, "dir", target) for path, target in (extra_dirs or {}).items()]
-    return [RootEntry(d, "dir") for d in dirs] + moved + _file_entries([interpreter, *libs])
+    own = [RootEntry(d, "dir") for d in dirs]
+    return own + moved + _tls_trust() + _file_entries([interpreter, *libs])
+
+
+def _tls_trust() -> list[RootEntry]:
+    return [entry for entry in TLS_TRUST if os.path.exists(entry.path)]
 
 
 def _is_within(path: str, directory: str) -> bool:
@@ -101,7 +116,7 @@ def node_entries(node: str, extra_dirs: dict[str, str] | None = None) -> list[Ro
     libraries = shared_libraries([binary])
     moved = [RootEntry(path, "dir", target) for path, target in (extra_dirs or {}).items()]
     builtins = externalized_builtins(binary, libraries)
-    return moved + _file_entries([binary, *libraries, *builtins])
+    return moved + _tls_trust() + _file_entries([binary, *libraries, *builtins])
 
 
 # Distribution builds of node (Debian 12's node 18, with libnode.so) read some of

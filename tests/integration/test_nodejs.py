@@ -345,7 +345,7 @@ def test_host_files_are_not_visible(daemon: Daemon) -> None:
     answer = node(daemon, code)
     assert answer["stdout"].splitlines() == [
         "/etc/shadow ENOENT", "/root ENOENT", "/home ENOENT", "/proc/1/environ ENOENT",
-        "/run ENOENT", "group hostname hosts nsswitch.conf passwd",
+        "/run ENOENT", "group hostname hosts nsswitch.conf passwd ssl",
     ]
 
 

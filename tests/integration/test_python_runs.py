@@ -186,3 +186,12 @@ def test_client_that_disconnects_mid_run_does_not_hurt_others(daemon: Daemon) ->
         thread.join()
     assert [a["stdout"] for a in others] == ["7\n"] * 5
     daemon.assert_healthy()
+
+
+def test_tls_trust_store_is_there_for_https_and_private_keys_are_not(daemon: Daemon) -> None:
+    code = (
+        "import os, ssl\n"
+        "print(ssl.create_default_context().cert_store_stats()['x509_ca'] > 0)\n"
+        "print(os.path.exists('/etc/ssl/private'))"
+    )
+    assert daemon.run(code)["stdout"] == "True\nFalse\n"
