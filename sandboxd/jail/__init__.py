@@ -10,8 +10,10 @@ Processes (all forked, none exec'd except node):
       seccomp programs compiled once (seccomp.py). It never holds a client
       or listening socket: it is spawned with only its control socket.
   zygote ──fork──▶ keeper (root, trusted, never runs user code)
-      unshare(mount, pid, ipc, uts); forks the worker, moves it into its
-      cgroup, waits for it and reports its exit status and rusage.
+      joins the egress network namespace if the worker is for runs with
+      network (network.py); unshare(mount, pid, ipc, uts); forks the worker,
+      moves it into its cgroup (cgroup.py, scope.py), waits for it and
+      reports its exit status and rusage.
   keeper ──fork──▶ worker (pid 1 of its own pid namespace)
       enters the jail in this order, failing closed at any step:
       fds 0/1/2 = job/stdout/stderr pipes, 3 = readiness pipe, rest closed;
