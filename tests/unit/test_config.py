@@ -410,3 +410,18 @@ def test_other_sandboxd_variables_are_left_alone() -> None:
 def test_rule_broken_against_a_default_in_a_present_section_says_default(tmp_path: Path) -> None:
     message = error_of(tmp_path, "[jail]\nuid_max = 61005\n")
     assert message.endswith("jail.uid_min = 61000 (default)")
+
+
+def test_readme_documents_every_config_key_with_its_default() -> None:
+    """The README's key table (the man-page-like reference) cannot drift from the structs."""
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    documented = dict(re.findall(r"^\| `(\w+\.\w+)` \| `([^`]*)` \|", readme, re.MULTILINE))
+    config = Config()
+    expected = {
+        f"{section}.{key}": getattr(getattr(config, section), key)
+        for section in config.__struct_fields__
+        for key in getattr(config, section).__struct_fields__
+    }
+    assert set(documented) == set(expected)
+    for key, text in documented.items():
+        assert tomllib.loads(f"v = {text}")["v"] == expected[key], key
