@@ -52,18 +52,35 @@ def _fds(pid: int) -> list[str]:
     return targets
 
 
-def _processes_of_uids(first: int, last: int) -> list[int]:
-    pids = []
+def _status(pid: int | str) -> dict[str, str]:
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            return dict(line.rstrip("\n").split(":\t", 1) for line in status if ":\t" in line)
+    except OSError:
+        return {}
+
+
+def _descends_from(pid: int, ancestor: int) -> bool:
+    """Whether `ancestor` is above `pid` (worker -> keeper -> zygote -> daemon)."""
+    for _ in range(8):
+        parent = int(_status(pid).get("PPid", "0"))
+        if parent == ancestor:
+            return True
+        if parent <= 1:
+            return False
+        pid = parent
+    return False
+
+
+def _pool_uid_processes(daemon_pid: int, first: int, last: int) -> list[int]:
+    """Processes of this daemon (other test daemons may be alive) running as a pool uid."""
+    found = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/status") as status:
-                    uid = next(int(line.split()[1]) for line in status if line.startswith("Uid:"))
-            except (OSError, StopIteration):
-                continue
-            if first <= uid <= last:
-                pids.append(int(entry))
-    return pids
+            uid = _status(entry).get("Uid", "").split()
+            if uid and first <= int(uid[0]) <= last and _descends_from(int(entry), daemon_pid):
+                found.append(int(entry))
+    return found
 
 
 LIVE = 2 + 1  # the python3 and nodejs pool sizes: one process and one cgroup each
@@ -76,7 +93,7 @@ def _settled(daemon: Daemon) -> tuple[set[str], list[int]]:
     deadline = time.monotonic() + 20
     while True:
         cgroups = _cgroups_of(daemon.process.pid)
-        workers = _processes_of_uids(61000, 61999)
+        workers = _pool_uid_processes(daemon.process.pid, 61000, 61999)
         if (len(cgroups), len(workers)) == (LIVE, LIVE) or time.monotonic() > deadline:
             return cgroups, workers
         time.sleep(0.1)
