@@ -192,7 +192,7 @@ class Pool:
                     await self.dispatcher.retire(worker)
             self.preparing -= 1
             self._wanted.set()
-            self.dispatcher.metrics.set_ready_workers(self.language, self.ready)
+            self.dispatcher.report_ready(self.language)
 
     async def drain(self) -> None:
         """Close the pool and retire every ready worker (its refill task is cancelled first).
@@ -218,7 +218,7 @@ class Pool:
         # it does not compete with the run for CPU; only an empty pool refills at once.
         if self.ready == 0:
             self.refill_soon()
-        self.dispatcher.metrics.set_ready_workers(self.language, self.ready)
+        self.dispatcher.report_ready(self.language)
         return worker
 
     def refill_soon(self) -> None:
@@ -351,6 +351,11 @@ class Dispatcher:
             old, self.generation = self.generation, fresh
             self.unavailable = unavailable
             self._nursery.start_soon(old.retire)
+
+    def report_ready(self, language: Language) -> None:
+        """The ready-workers gauge of a language: its pools with and without network."""
+        ready = sum(p.ready for p in self.pools.values() if p.language == language)
+        self.metrics.set_ready_workers(language, ready)
 
     async def dependencies(self, language: Language) -> list[Dependency]:
         """What the serving jail holds (after a CLI sync, the new env serves only on reload)."""
