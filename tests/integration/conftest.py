@@ -5,6 +5,7 @@ These tests fail (they never skip) when not run as root: CI runs them as root.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import socket
@@ -22,6 +23,11 @@ from sandboxd import deps
 
 API_KEY = "integration-test-key"
 START_TIMEOUT = 60.0
+# Each test daemon gets a uid range of its own, so no two daemons alive at once (in
+# this session or in another test session started with another SANDBOXD_TEST_UID_BASE)
+# ever hand the same uid to workers.
+UID_BLOCK = 2000
+_uid_blocks = itertools.count(int(os.environ.get("SANDBOXD_TEST_UID_BASE", "200000")), UID_BLOCK)
 
 
 def free_port() -> int:
@@ -40,6 +46,9 @@ class Daemon:
     runtime_dir: str
     state_dir: str
     config_path: str
+    # The daemon's [jail] uid_min..uid_max, inclusive.
+    uid_min: int = 0
+    uid_max: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def request(self, payload: dict[str, Any] | bytes, timeout: float = 60.0) -> dict[str, Any]:
@@ -103,8 +112,11 @@ def start_daemon(
     base.mkdir(parents=True, exist_ok=True)
     config_path = base / "sandboxd.toml"
     port = free_port()
+    uid_min = next(_uid_blocks)
+    uid_max = uid_min + UID_BLOCK - 1
     config_path.write_text(
-        f'[http]\nlisten = "127.0.0.1:{port}"\napi_key = "{API_KEY}"\n' + config_text
+        f'[http]\nlisten = "127.0.0.1:{port}"\napi_key = "{API_KEY}"\n'
+        f"[jail]\nuid_min = {uid_min}\nuid_max = {uid_max}\n" + config_text
     )
     log_path = base / "daemon.log"
     socket_path = str(base / "sandboxd.sock")
@@ -140,6 +152,8 @@ def start_daemon(
         runtime_dir,
         state_dir,
         str(config_path),
+        uid_min,
+        uid_max,
     )
     _wait_until_serving(daemon)
     return daemon

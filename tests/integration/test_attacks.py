@@ -32,7 +32,7 @@ def attack(daemon: Daemon, code: str, **fields: Any) -> dict[str, Any]:
 def test_runs_as_an_unprivileged_uid_from_the_pool(daemon: Daemon) -> None:
     code = "import os, json\nprint(json.dumps([os.getresuid(), os.getresgid(), os.getgroups()]))"
     uids, gids, groups = json.loads(attack(daemon, code)["stdout"])
-    assert len(set(uids)) == 1 and 61000 <= uids[0] <= 61999
+    assert len(set(uids)) == 1 and daemon.uid_min <= uids[0] <= daemon.uid_max
     assert gids == uids and groups == []
 
 

@@ -93,7 +93,7 @@ def _settled(daemon: Daemon) -> tuple[set[str], list[int]]:
     deadline = time.monotonic() + 20
     while True:
         cgroups = _cgroups_of(daemon.process.pid)
-        workers = _pool_uid_processes(daemon.process.pid, 61000, 61999)
+        workers = _pool_uid_processes(daemon.process.pid, daemon.uid_min, daemon.uid_max)
         if (len(cgroups), len(workers)) == (LIVE, LIVE) or time.monotonic() > deadline:
             return cgroups, workers
         time.sleep(0.1)
