@@ -17,7 +17,8 @@ Processes (all forked, none exec'd except node):
   keeper ──fork──▶ worker (pid 1 of its own pid namespace)
       enters the jail in this order, failing closed at any step:
       fds 0/1/2 = job/stdout/stderr pipes, 3 = readiness pipe, rest closed;
-      private tmpfs /tmp; chroot; hostname; setsid; rlimits (config maxima);
+      private tmpfs /tmp; pivot_root into the root, old root detached;
+      hostname; setsid; rlimits (config maxima);
       identity (bounding set cleared, no groups, uid/gid from the pool);
       no_new_privs, not dumpable, parent-death signal; seccomp; "ready".
       Then it reads one job from fd 0, lowers its rlimits to the job's, runs
