@@ -25,6 +25,11 @@ from sandboxd.jail import RootEntry, libc
 # Device nodes a run may open (invariant 5).
 DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom")
 
+# POSIX shared memory and semaphores (shm_open, sem_open: multiprocessing's locks)
+# live in /dev/shm; in every root it leads to the worker's own /tmp, so they are
+# private to the run and inside the /tmp size cap.
+SHM_LINK = ("/dev/shm", "../tmp")
+
 # Host directories a python3 root holds when they exist (stdlib comes from sysconfig).
 PYTHON_DATA_DIRS = ("/usr/share/zoneinfo",)
 
@@ -172,6 +177,7 @@ def build(root: str, entries: Iterable[RootEntry], files: dict[str, bytes]) -> N
     for entry in entries:
         _bind_read_only(entry.path, _mount_point(root, entry))
     os.makedirs(root + "/dev")
+    os.symlink(SHM_LINK[1], root + SHM_LINK[0])
     for device in DEVICES:
         if os.path.exists(device):
             point = _mount_point(root, RootEntry(device, "file"))

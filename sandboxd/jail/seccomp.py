@@ -75,6 +75,18 @@ CLONE_NAMESPACE_FLAGS = (
     | libc.CLONE_NEWUSER | libc.CLONE_NEWPID | libc.CLONE_NEWNET
 )
 
+# asm-generic/fcntl.h and linux/fcntl.h: the commands a run may give fcntl().
+F_DUPFD = 0
+F_GETFD = 1
+F_SETFD = 2
+F_GETFL = 3
+F_SETFL = 4
+F_DUPFD_CLOEXEC = 1030
+F_SETPIPE_SZ = 1031
+F_GETPIPE_SZ = 1032
+F_ADD_SEALS = 1033
+F_GET_SEALS = 1034
+
 LOW_32_BITS = 0xFFFFFFFF  # int arguments: the kernel ignores the high word
 
 # ---------------------------------------------------------------------------
@@ -174,7 +186,7 @@ BASE_ALLOW: frozenset[str] = frozenset({
     # descriptors and reading files (imports, require)
     "read", "readv", "pread64", "preadv", "preadv2",
     "write", "writev", "pwrite64", "pwritev", "pwritev2",
-    "open", "openat", "creat", "close", "close_range", "lseek", "fcntl", "flock",
+    "open", "openat", "creat", "close", "close_range", "lseek",  # fcntl: ARG_RULES
     "dup", "dup2", "dup3", "pipe", "pipe2",
     "stat", "fstat", "lstat", "newfstatat", "statx", "statfs", "fstatfs",
     "access", "faccessat", "faccessat2", "readlink", "readlinkat",
@@ -199,6 +211,18 @@ BASE_ALLOW: frozenset[str] = frozenset({
 BASE_ERRNO: Mapping[str, int] = {
     "clone3": errno.ENOSYS,  # glibc then falls back to clone, whose flags we can check
     "mbind": errno.EPERM,  # OpenBLAS (numpy) binds its buffers to the local node, ignoring errors
+    # Channels between concurrent runs through the read-only tree they share (its
+    # inodes are the same in every worker): a lock, or a watch that reports another
+    # run's opens, on a stdlib file. seccomp cannot tell a run's own /tmp file from
+    # a shared one, so these answer ENOSYS everywhere: "not implemented here" makes
+    # libraries take their fallback (py-filelock says to use SoftFileLock; file
+    # watchers poll). fcntl's locks, leases and dnotify: see ARG_RULES.
+    "flock": errno.ENOSYS,
+    "inotify_init": errno.ENOSYS,
+    "inotify_init1": errno.ENOSYS,
+    "inotify_add_watch": errno.ENOSYS,
+    "inotify_rm_watch": errno.ENOSYS,
+    "fanotify_init": errno.ENOSYS,  # unprivileged inode marks report opens too (5.13+)
 }
 
 # Allowed for some argument values only, for every language.
@@ -214,6 +238,12 @@ ARG_RULES: tuple[ArgRule, ...] = (
         FIONBIO,  # libuv and CPython set O_NONBLOCK this way
         FIOCLEX, FIONCLEX,  # os.set_inheritable
     ), errno.EPERM),
+    # descriptor flags, pipe sizes and memfd seals only; every lock (POSIX, OFD),
+    # lease and dnotify command gets ENOSYS, for the reason given at "flock"
+    ArgRule("fcntl", 1, LOW_32_BITS, (
+        F_DUPFD, F_DUPFD_CLOEXEC, F_GETFD, F_SETFD, F_GETFL, F_SETFL,
+        F_GETPIPE_SZ, F_SETPIPE_SZ, F_ADD_SEALS, F_GET_SEALS,
+    ), errno.ENOSYS),
     ArgRule("socket", 0, LOW_32_BITS, (AF_UNIX, AF_INET, AF_INET6), errno.EAFNOSUPPORT),
     ArgRule("socketpair", 0, LOW_32_BITS, (AF_UNIX,), errno.EAFNOSUPPORT),
     ArgRule("prctl", 0, LOW_32_BITS, (

@@ -18,6 +18,7 @@ import pytest
 from tests.integration.conftest import Daemon
 from tests.integration.tenants import (
     DIRECTIONS,
+    MARKER,
     Tenant,
     run_together,
 )
@@ -153,3 +154,237 @@ def test_no_worker_has_the_host_root_in_its_mount_namespace(daemon: Daemon) -> N
         at_root = [m for m in table if m[4] == "/"]
         assert len(at_root) == 1 and "sandboxd-root" in at_root[0], (pid, at_root)
     daemon.assert_healthy()
+
+
+# --- locks, leases and watches on the shared read-only tree ---------------------------
+
+# A shared stdlib file both python roots hold at the same path (the same inode).
+SHARED_FILE = "os.__file__"
+
+HOLD_LOCKS = f"""
+import fcntl, os, struct, time
+path = {SHARED_FILE}
+held = []
+for name, take in (
+    ("flock", lambda fd: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)),
+    ("posix", lambda fd: fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)),
+    ("ofd", lambda fd: fcntl.fcntl(fd, 37, struct.pack("hhqqi", fcntl.F_RDLCK, 0, 0, 0, 0))),
+    ("lease", lambda fd: fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)),
+):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        take(fd)
+        held.append(name)
+    except OSError as error:
+        print(name, "refused:", error)
+print("holding", held, flush=True)
+time.sleep(3)
+"""
+PROBE_LOCKS = f"""
+import fcntl, os, struct, time
+path = {SHARED_FILE}
+deadline = time.monotonic() + 3
+while time.monotonic() < deadline:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    except BlockingIOError:
+        print("MARKER flock of the other run seen")
+    except OSError:
+        pass
+    for cmd in (fcntl.F_GETLK, 36):  # POSIX and OFD: who holds a conflicting lock?
+        try:
+            got = fcntl.fcntl(fd, cmd, struct.pack("hhqqi", fcntl.F_WRLCK, 0, 0, 0, 0))
+            if struct.unpack("hhqqi", got)[0] != fcntl.F_UNLCK:
+                print("MARKER lock of the other run seen by", cmd)
+        except OSError:
+            pass
+    os.close(fd)
+    time.sleep(0.1)
+"""
+
+
+@pytest.mark.parametrize(("sender", "receiver", "route"), PY_TO_PY, ids=PY_TO_PY_IDS)
+def test_locks_on_shared_files_do_not_cross_runs(
+    daemon: Daemon, sender: str, receiver: str, route: str
+) -> None:
+    holder, _ = run_together(
+        daemon, Tenant(sender, HOLD_LOCKS), Tenant(receiver, PROBE_LOCKS), route
+    )
+    assert "holding []" in holder.stdout, holder.raw
+
+
+# dnotify and inotify on a directory both roots hold (the TLS trust store); the
+# other run reads a file in it, and a watcher that sees it prints MARKER.
+WATCHED_DIR = "/etc/ssl/certs"
+WATCH = f"""
+import ctypes, fcntl, os, signal, time
+seen = []
+signal.signal(signal.SIGIO, lambda *_: seen.append("dnotify"))
+signal.signal(signal.SIGRTMIN, lambda *_: seen.append("dnotify"))
+fd = os.open("{WATCHED_DIR}", os.O_RDONLY)
+try:
+    fcntl.fcntl(fd, fcntl.F_NOTIFY, fcntl.DN_ACCESS | fcntl.DN_MULTISHOT)
+    print("dnotify watching")
+except OSError as error:
+    print("dnotify refused:", error)
+libc = ctypes.CDLL(None, use_errno=True)
+ino = libc.inotify_init1(os.O_NONBLOCK)
+if ino >= 0 and libc.inotify_add_watch(ino, b"{WATCHED_DIR}", 0x1 | 0x20) >= 0:  # ACCESS|OPEN
+    print("inotify watching")
+else:
+    print("inotify refused:", os.strerror(ctypes.get_errno()))
+time.sleep(3)
+if ino >= 0:
+    try:
+        if os.read(ino, 4096):
+            seen.append("inotify")
+    except OSError:
+        pass
+if seen:
+    print("MARKER another run's reads seen by", sorted(set(seen)))
+"""
+READ_WATCHED = {
+    "python3": f"""
+import os, time
+deadline = time.monotonic() + 3
+while time.monotonic() < deadline:
+    for name in os.listdir("{WATCHED_DIR}")[:20]:
+        try:
+            open(os.path.join("{WATCHED_DIR}", name), "rb").read(1)
+        except OSError:
+            pass
+    time.sleep(0.05)
+""",
+    "nodejs": f"""
+const fs = require("fs");
+const end = Date.now() + 3000;
+const tick = () => {{
+  for (const name of fs.readdirSync("{WATCHED_DIR}").slice(0, 20)) {{
+    try {{ fs.readFileSync("{WATCHED_DIR}/" + name); }} catch (e) {{}}
+  }}
+  if (Date.now() < end) setTimeout(tick, 50);
+}};
+tick();
+""",
+}
+
+
+@pytest.mark.parametrize(("sender", "receiver", "route"), TO_PY, ids=TO_PY_IDS)
+def test_watches_on_shared_directories_do_not_see_other_runs(
+    daemon: Daemon, sender: str, receiver: str, route: str
+) -> None:
+    _, watcher = run_together(
+        daemon, Tenant(sender, READ_WATCHED[sender]), Tenant(receiver, WATCH), route
+    )
+    assert "dnotify refused" in watcher.stdout and "inotify refused" in watcher.stdout, watcher.raw
+
+
+def test_refused_lock_and_watch_calls_are_clean_errors(daemon: Daemon) -> None:
+    code = f"""
+import ctypes, errno, fcntl, os
+fd = os.open({SHARED_FILE}, os.O_RDONLY)
+for name, call in (
+    ("flock", lambda: fcntl.flock(fd, fcntl.LOCK_SH)),
+    ("lockf", lambda: fcntl.lockf(fd, fcntl.LOCK_SH)),
+    ("lease", lambda: fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)),
+    ("notify", lambda: fcntl.fcntl(fd, fcntl.F_NOTIFY, fcntl.DN_ACCESS)),
+):
+    try:
+        call()
+        print(name, "MARKER allowed")
+    except OSError as error:
+        print(name, errno.errorcode[error.errno])
+libc = ctypes.CDLL(None, use_errno=True)
+print("inotify", libc.inotify_init1(0), errno.errorcode[ctypes.get_errno()])
+print("flags", fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC)
+"""
+    answer = daemon.run(code)
+    assert answer["status"] == "ok", answer
+    assert answer["stdout"].split("\n") == [
+        "flock ENOSYS",
+        "lockf ENOSYS",
+        "lease ENOSYS",
+        "notify ENOSYS",
+        "inotify -1 ENOSYS",
+        "flags 1",
+        "",
+    ], answer
+    daemon.assert_healthy()
+
+
+def test_sqlite_in_tmp_works_with_dot_file_locking_and_not_with_fcntl_locks(
+    daemon: Daemon,
+) -> None:
+    """The trade-off the README states: fcntl locks are refused, so sqlite's default
+    locking fails cleanly; its dot-file locking (files in /tmp) and :memory: work."""
+    code = """
+import sqlite3
+try:
+    db = sqlite3.connect("/tmp/default.db")
+    db.execute("create table t (x)")
+    print("default MARKER locked with fcntl")
+except sqlite3.OperationalError as error:
+    print("default", error)
+for uri in ("file:/tmp/dot.db?vfs=unix-dotfile", ":memory:"):
+    db = sqlite3.connect(uri, uri=True)
+    db.execute("create table t (x)")
+    db.executemany("insert into t values (?)", [(1,), (2,)])
+    db.commit()
+    print(uri, db.execute("select sum(x) from t").fetchone()[0])
+"""
+    answer = daemon.run(code)
+    assert answer["status"] == "ok", answer
+    lines = answer["stdout"].splitlines()
+    assert lines[0].startswith("default ") and MARKER not in lines[0], answer
+    assert lines[1:] == ["file:/tmp/dot.db?vfs=unix-dotfile 3", ":memory: 3"], answer
+
+
+# --- /dev/shm ---------------------------------------------------------------------------
+
+
+def test_multiprocessing_lock_works_and_dev_shm_is_the_runs_own_tmp(daemon: Daemon) -> None:
+    code = """
+import multiprocessing, os
+lock = multiprocessing.Lock()
+with lock:
+    print("locked")
+open("/dev/shm/mine", "w").write("x")
+print(sorted(os.listdir("/tmp")))
+chunk = b"x" * (1 << 20)
+try:
+    with open("/dev/shm/big", "wb") as big:
+        for _ in range(128):  # twice the /tmp cap (64 MB), below the memory limit
+            big.write(chunk)
+            big.flush()
+    print("MARKER /dev/shm outgrew the /tmp cap")
+except OSError as error:
+    print("capped", error.errno)
+"""
+    answer = daemon.run(code)
+    assert answer["status"] == "ok", answer
+    assert answer["stdout"].splitlines()[:2] == ["locked", "['mine']"], answer
+    assert "capped 28" in answer["stdout"] and MARKER not in answer["stdout"], answer
+
+
+SHM_WRITE = """
+import os, time
+open("/dev/shm/sandboxd-isofs-shm", "w").write("x")
+time.sleep(2)
+"""
+SHM_LOOK = """
+import os, time
+for _ in range(30):
+    if os.path.exists("/dev/shm/sandboxd-isofs-shm"):
+        print("MARKER the other run's /dev/shm file")
+        break
+    time.sleep(0.1)
+"""
+
+
+@pytest.mark.parametrize(("sender", "receiver", "route"), PY_TO_PY, ids=PY_TO_PY_IDS)
+def test_dev_shm_is_not_shared_between_runs(
+    daemon: Daemon, sender: str, receiver: str, route: str
+) -> None:
+    run_together(daemon, Tenant(sender, SHM_WRITE), Tenant(receiver, SHM_LOOK), route)

@@ -202,7 +202,7 @@ def test_node_gets_enosys_from_io_uring() -> None:
 
 
 def test_an_unlisted_call_kills(program: bytes) -> None:
-    assert verdict(program, nr("inotify_init1")) == KILL_PROCESS
+    assert verdict(program, nr("vmsplice")) == KILL_PROCESS
 
 
 def test_foreign_abis_are_killed(program: bytes) -> None:
@@ -255,3 +255,32 @@ def test_prctl_is_limited_to_a_few_options(program: bytes) -> None:
     assert verdict(program, nr("prctl"), (pr_set_name,)) == ALLOW
     for option in (pr_set_dumpable, pr_set_seccomp, pr_set_mm):
         assert verdict(program, nr("prctl"), (option,)) == errno_verdict(errno.EPERM)
+
+
+# Channels through the shared read-only tree: locks, leases, dnotify, inotify, fanotify.
+F_GETLK, F_SETLK, F_SETLKW, F_SETOWN = 5, 6, 7, 8
+F_OFD_GETLK, F_OFD_SETLK, F_OFD_SETLKW = 36, 37, 38
+F_SETLEASE, F_GETLEASE, F_NOTIFY = 1024, 1025, 1026
+
+
+@pytest.mark.parametrize("high_word", [0, 1 << 32])
+def test_fcntl_keeps_descriptor_flags_and_refuses_locks_leases_and_dnotify(
+    program: bytes, high_word: int
+) -> None:
+    fcntl = nr("fcntl")
+    for command in (0, 1, 2, 3, 4, 1030, 1031, 1032, 1033, 1034):  # dup, flags, pipes, seals
+        assert verdict(program, fcntl, (3, high_word | command)) == ALLOW, command
+    refused = (F_GETLK, F_SETLK, F_SETLKW, F_SETOWN, F_OFD_GETLK, F_OFD_SETLK, F_OFD_SETLKW,
+               F_SETLEASE, F_GETLEASE, F_NOTIFY)
+    for command in refused:
+        assert verdict(program, fcntl, (3, high_word | command)) == errno_verdict(errno.ENOSYS)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["flock", "inotify_init", "inotify_init1", "inotify_add_watch", "inotify_rm_watch",
+     "fanotify_init"],
+)
+def test_lock_and_watch_calls_answer_enosys(program: bytes, name: str) -> None:
+    if nr(name) >= 0:  # inotify_init is x86_64 only
+        assert verdict(program, nr(name)) == errno_verdict(errno.ENOSYS)
