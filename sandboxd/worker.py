@@ -4,6 +4,12 @@ The outcome of a run is assembled only from what the daemon itself observed:
 the bytes read from the stdout/stderr pipes (capped), the keeper's wait4 status
 and rusage, whether the daemon killed it (timeout, output cap), and the kernel's
 cgroup counters. Nothing the worker says after it got ready is believed.
+
+The answer is bounded by the deadline (DESIGN.md invariant 18): when the worker
+has exited, its whole pid namespace is gone and the pipes reach end-of-file at
+once, unless a process outside it holds their write ends (another run it
+passed them to). So the daemon reads output only until the deadline plus
+OUTPUT_GRACE, then stops feeding stdin and reading, and the run is a `timeout`.
 """
 
 from __future__ import annotations
@@ -26,6 +32,9 @@ from sandboxd.protocol import ProtocolError, Status
 # How long a killed worker may take to be reaped before the run is declared lost.
 KILL_GRACE = 10.0
 READ_CHUNK = 65536
+# How long after the deadline the daemon still waits for end-of-file on the output.
+OUTPUT_GRACE = 0.5
+HELD_OPEN = "the run's output pipes were still held open after its deadline"
 
 
 @dataclass
@@ -139,10 +148,10 @@ class Worker:
         output = Output(output_cap)
         started = trio.current_time()
         timed_out = False
+        drained = trio.Event()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._feed, payload)
-            nursery.start_soon(self._drain, self._out, output.stdout, output)
-            nursery.start_soon(self._drain, self._err, output.stderr, output)
+            nursery.start_soon(self._drain_all, output, drained)
             with trio.move_on_at(deadline):
                 self.exited = await self._wait_exit()
             if self.exited is None:
@@ -150,9 +159,22 @@ class Worker:
                 await self.kill()
                 with trio.fail_after(KILL_GRACE):
                     self.exited = await self._wait_exit()
+            with trio.move_on_at(deadline + OUTPUT_GRACE):
+                await drained.wait()
+            held_open = not drained.is_set()
+            nursery.cancel_scope.cancel()  # stop feeding and reading: invariant 18
         wall_ms = (trio.current_time() - started) * 1000
         usage = self.cgroup.usage() if self.cgroup else None
-        return outcome(self.exited, output, timed_out, wall_ms, job, usage)
+        result = outcome(self.exited, output, timed_out or held_open, wall_ms, job, usage)
+        if held_open:
+            result.message = HELD_OPEN
+        return result
+
+    async def _drain_all(self, output: Output, drained: trio.Event) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._drain, self._out, output.stdout, output)
+            nursery.start_soon(self._drain, self._err, output.stderr, output)
+        drained.set()
 
     async def _wait_exit(self) -> Exited:
         message = await self._receive()

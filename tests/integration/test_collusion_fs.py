@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from sandboxd.worker import HELD_OPEN
 from tests.integration.conftest import Daemon
 from tests.integration.tenants import (
     DIRECTIONS,
@@ -388,3 +389,88 @@ def test_dev_shm_is_not_shared_between_runs(
     daemon: Daemon, sender: str, receiver: str, route: str
 ) -> None:
     run_together(daemon, Tenant(sender, SHM_WRITE), Tenant(receiver, SHM_LOOK), route)
+
+
+# --- the answer is bounded by the deadline (invariant 18) -------------------------------
+
+# A (timeout 2) passes its stdout and stderr to B and exits; B writes into them and,
+# once A's deadline is long past, writes MARKER. A's answer must never hold it.
+GIVE_STDOUT = send_fds("sandboxd-isofs-stdout", "[1, 2]", 3, then="pass")
+WRITE_INTO_OTHER = (
+    receive_fds("sandboxd-isofs-stdout")
+    + """
+if fds:
+    print("holding the other run's stdout", flush=True)
+    start = time.monotonic()
+    while time.monotonic() - start < 8:
+        late = time.monotonic() - start > 4
+        for fd in fds:
+            try:
+                os.write(fd, b"MARKER late\\n" if late else b"early\\n")
+            except OSError:
+                pass
+        time.sleep(0.2)
+"""
+)
+
+
+def test_a_run_that_gave_away_its_stdout_is_answered_by_its_deadline(daemon: Daemon) -> None:
+    """Native route only: a Dify request cannot set its timeout, and MARKER's time is
+    chosen from A's. Only python can pass fds (node has no SCM_RIGHTS)."""
+    giver, taker = run_together(
+        daemon,
+        Tenant("python3", GIVE_STDOUT, timeout=2),
+        Tenant("python3", WRITE_INTO_OTHER, timeout=12),
+    )
+    if "holding the other run's stdout" in taker.stdout:  # until runs share no socket
+        assert giver.status == "timeout", giver.raw
+        assert giver.raw["message"] == HELD_OPEN, giver.raw
+
+
+# A grandchild in a new session keeps stdout after the run's pid 1 exits: the pid
+# namespace dies with pid 1, so the run ends at once.
+GRANDCHILD = """
+import os, time
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:
+        time.sleep(4)
+        print("MARKER from a grandchild", flush=True)
+    os._exit(0)
+os.wait()
+print("parent done")
+"""
+# A thread writes after the deadline while the main thread has finished: the
+# interpreter waits for it, so the run is killed at its deadline.
+THREAD = """
+import sys, threading, time
+def late():
+    time.sleep(4)
+    sys.stdout.write("MARKER from a thread\\n")
+    sys.stdout.flush()
+threading.Thread(target=late).start()
+print("main done", flush=True)
+"""
+# A daemon thread holds stdout when the interpreter exits: it dies with the process.
+DAEMON_THREAD = """
+import os, threading, time
+def late():
+    time.sleep(4)
+    os.write(1, b"MARKER from a daemon thread\\n")
+threading.Thread(target=late, daemon=True).start()
+print("main done")
+"""
+
+
+@pytest.mark.parametrize(
+    ("code", "status"),
+    [(GRANDCHILD, "ok"), (THREAD, "timeout"), (DAEMON_THREAD, "ok")],
+    ids=["grandchild", "thread", "daemon-thread"],
+)
+def test_nothing_of_a_run_writes_into_its_answer_after_the_deadline(
+    daemon: Daemon, code: str, status: str
+) -> None:
+    answer = daemon.run(code.replace("MARKER", MARKER), timeout=2)
+    assert MARKER not in answer["stdout"] and MARKER not in answer["stderr"], answer
+    assert answer["status"] == status, answer
+    daemon.assert_healthy()
