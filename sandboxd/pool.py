@@ -35,7 +35,7 @@ import trio
 from sandboxd import control, deps
 from sandboxd.config import Config, effective_pool_size
 from sandboxd.control import SpawnFailed, SpawnOrder, ZygoteStart
-from sandboxd.jail import JailSpec, seccomp
+from sandboxd.jail import JailSpec
 from sandboxd.jail.cgroup import Backend, Limits, RunCgroup
 from sandboxd.jail.identity import UidPool
 from sandboxd.jail.scope import Placement
@@ -523,10 +523,9 @@ class Dispatcher:
             if holding:
                 self.slots.release()
         if outcome.status == "blocked_syscall" and worker.pid is not None:
-            number = await self.seccomp_log.syscall_of(worker.pid)
-            if number is not None:
-                name = seccomp.syscall_name(number) or f"number {number}"
-                outcome.message = f"blocked system call {name}"
+            call = await self.seccomp_log.syscall_of(worker.pid)
+            if call is not None:
+                outcome.message = f"blocked system call {call.describe()}"
         return RunResult(id=request_id, **outcome.__dict__)
 
 

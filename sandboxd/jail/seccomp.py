@@ -360,13 +360,38 @@ def compile_policy(language: str) -> bytes:
     return build_program(policy)
 
 
-def syscall_name(number: int) -> str | None:
-    """The native name of a system call number, for messages; None if unknown."""
+# The AUDIT_ARCH_* value an audit record names each ABI by (linux/audit.h), with
+# the name a message gives it (None: the running machine's own ABI).
+AUDIT_ARCHES: Mapping[int, tuple[seccomp.Arch, str]] = {
+    0xC000003E: (seccomp.Arch.X86_64, "x86_64"),
+    0x40000003: (seccomp.Arch.X86, "i386"),
+    0xC00000B7: (seccomp.Arch.AARCH64, "aarch64"),
+    0x40000028: (seccomp.Arch.ARM, "arm"),
+}
+_X32_BIT = 0x40000000  # x32 calls are x86_64's arch with this bit in the number
+
+
+def syscall_name(number: int, arch: seccomp.Arch = seccomp.Arch.NATIVE) -> str | None:
+    """The name of system call `number` of ABI `arch`, for messages; None if unknown."""
     try:
-        name = seccomp.resolve_syscall(seccomp.Arch.NATIVE, number)
+        name = seccomp.resolve_syscall(arch, number)
     except ValueError:
         return None
     return bytes(name).decode()
+
+
+def describe_call(audit_arch: int, number: int) -> str:
+    """A blocked call as a message names it: its name in its own ABI, and the ABI when
+    it is not the machine's (an i386 number is not an x86_64 name)."""
+    known = AUDIT_ARCHES.get(audit_arch)
+    if known is None:
+        return f"number {number} of unknown ABI 0x{audit_arch:x}"
+    arch, label = known
+    if arch == seccomp.Arch.X86_64 and number & _X32_BIT:
+        arch, label = seccomp.Arch.X32, "x32"
+    name = syscall_name(number, arch) or f"number {number}"
+    native = int(seccomp.system_arch()) & LOW_32_BITS == int(arch) & LOW_32_BITS
+    return name if native else f"{name} ({label} ABI)"
 
 
 # ---------------------------------------------------------------------------

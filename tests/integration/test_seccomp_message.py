@@ -1,0 +1,60 @@
+"""The blocked-syscall message names the call the kernel's audit record names.
+
+The kernel rate-limits these records (and every test daemon on the machine
+produces them), so a run's message may be missing: it is given only when
+known. Each test repeats the run until one answer has a message, and every
+answer must be the right verdict with the right name or none.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tests.integration.conftest import Daemon
+
+ATTEMPTS = 5
+
+# comm is the run's to choose: a name that holds a field of the record.
+SPOOFED_COMM = """
+import ctypes, os
+ctypes.CDLL(None).prctl(15, b"x.syscall=1", 0, 0, 0)  # PR_SET_NAME
+os.setuid(0)
+"""
+# An i386 system call (int 0x80) from a 64-bit run: eax=20 is getpid in the i386
+# table and writev in the x86_64 one.
+I386_CALL = """
+import ctypes, mmap
+code = bytes([0xB8, 20, 0, 0, 0, 0xCD, 0x80, 0xC3])  # mov eax, 20; int 0x80; ret
+page = mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+page.write(code)
+address = ctypes.addressof(ctypes.c_char.from_buffer(page))
+ctypes.CFUNCTYPE(ctypes.c_int)(address)()
+"""
+
+
+def named(daemon: Daemon, code: str) -> list[dict[str, Any]]:
+    """Answers to `code` until one names a call (at most ATTEMPTS)."""
+    answers = []
+    for _ in range(ATTEMPTS):
+        answer = daemon.run(code)
+        answers.append(answer)
+        assert answer["status"] == "blocked_syscall", answer
+        if answer.get("message"):
+            break
+    return answers
+
+
+def test_a_spoofed_comm_does_not_change_the_named_call(daemon: Daemon) -> None:
+    answers = named(daemon, SPOOFED_COMM)
+    messages = {answer.get("message") for answer in answers}
+    assert messages <= {None, "blocked system call setuid"}, answers
+    assert "blocked system call setuid" in messages, answers
+    daemon.assert_healthy()
+
+
+def test_an_i386_call_is_named_in_the_i386_table(daemon: Daemon) -> None:
+    answers = named(daemon, I386_CALL)
+    messages = {answer.get("message") for answer in answers}
+    assert messages <= {None, "blocked system call getpid (i386 ABI)"}, answers
+    assert "blocked system call getpid (i386 ABI)" in messages, answers
+    daemon.assert_healthy()
