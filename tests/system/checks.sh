@@ -346,6 +346,13 @@ never_restarted_by_failure_or_watchdog() {
     expect "restarts" "$(systemctl show -P NRestarts sandboxd.service)" 0
 }
 
+# Two colluding runs at once, on this guest's kernel: a root fd walked to the host,
+# locks and watches on the shared tree, /dev/shm, stdout held past the deadline
+# (tests/system/collusion.py; the code is the integration tests').
+runs_share_no_file_channel() {
+    timeout 300 python3 "$PAYLOAD/collusion.py" "$SOCK"
+}
+
 # --- purge ------------------------------------------------------------------------
 
 purge_leaves_nothing() {
@@ -380,6 +387,7 @@ check daemon http_requires_the_api_key
 check daemon memory_bomb_gets_memory_verdict
 check daemon fork_bomb_gets_tasks_verdict
 check daemon non_member_is_refused_member_is_served
+check daemon runs_share_no_file_channel
 check daemon reload_keeps_serving
 check daemon restart_refuses_no_one
 check daemon units_are_only_the_live_pool
