@@ -103,7 +103,11 @@ CASES: dict[str, tuple[tuple[str, float], tuple[str, float], Callable[[list[Answ
     "locks": ((cases.HOLD_LOCKS, 10), (cases.PROBE_LOCKS, 10), _holder_held_nothing),
     "watches": ((cases.READ_WATCHED["python3"], 10), (cases.WATCH, 10), _watches_refused),
     "dev-shm": ((cases.SHM_WRITE, 10), (cases.SHM_LOOK, 10), _nothing),
-    "stdout-past-deadline": ((cases.GIVE_STDOUT, 2), (cases.WRITE_INTO_OTHER, 12), _giver_timed_out),
+    "stdout-past-deadline": (
+        (cases.GIVE_STDOUT, 2),
+        (cases.WRITE_INTO_OTHER, 12),
+        _giver_timed_out,
+    ),
 }
 
 
