@@ -85,7 +85,12 @@ class Zygote:
     def __init__(self, sock: socket.socket, spec: JailSpec) -> None:
         self.sock = sock
         self.spec = spec
-        self.programs = {language: seccomp.compile_policy(language) for language in spec.roots}
+        # One program per language for runs without network and one for runs with it.
+        self.programs = {
+            (language, network): seccomp.compile_policy(language, network)
+            for language in spec.roots
+            for network in (False, True)
+        }
         self.egress_fd: int | None = None
 
     def prepare(self) -> None:
@@ -183,7 +188,7 @@ class Keeper:
             if self.zygote.egress_fd is None:
                 raise RuntimeError("a network worker was ordered but there is no egress namespace")
             libc.setns(self.zygote.egress_fd, libc.CLONE_NEWNET)
-        namespaces.isolate_worker()
+        namespaces.isolate_worker(self.order.network)
         go_r, go_w = os.pipe()
         ready_r, ready_w = os.pipe()
         pid = os.fork()
@@ -280,7 +285,7 @@ def worker_main(
         step = "runtime"
         runtime.prepare(spec)
         step = "seccomp"
-        seccomp.load(zygote.programs[order.language])
+        seccomp.load(zygote.programs[order.language, order.network])
         step = "start"
         runtime.start(spec, READY_FD)
     except BaseException as exc:
