@@ -1,6 +1,9 @@
 """The zygote: a warm, root, single-threaded process that forks jailed workers.
 
-Started by the daemon with exactly one fd besides 0-2: a SOCK_SEQPACKET control
+Started by the daemon (command()) as `python -I -S`: no site module, so nothing of the
+daemon's venv (.pth hooks, site-packages) is imported or on sys.path beyond the roots
+of BOOTSTRAP_PACKAGES, and each worker drops those before user code runs
+(runtimes/python3.py). It gets exactly one fd besides 0-2: a SOCK_SEQPACKET control
 socket, whose number is the only argument. The first packet is ZygoteStart with
 the JailSpec; then each SpawnOrder gets a Spawned (with the worker's fds) or a SpawnFailed. See
 sandboxd/jail/__init__.py for the process tree.
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import array
 import gc
+import importlib.util
 import os
 import select
 import signal
@@ -75,6 +79,31 @@ WARM_MODULES = (
     "unicodedata",
     "encodings.idna",
 )
+
+
+# What the zygote imports beyond the standard library; it finds them on their roots alone.
+BOOTSTRAP_PACKAGES = ("sandboxd", "msgspec", "seccomp")
+
+
+def import_roots() -> list[str]:
+    """The directories BOOTSTRAP_PACKAGES are imported from, as the daemon found them."""
+    roots: list[str] = []
+    for name in BOOTSTRAP_PACKAGES:
+        found = importlib.util.find_spec(name)
+        if found is None or found.origin is None:
+            raise RuntimeError(f"the zygote needs {name!r}, which is not installed")
+        root = os.path.dirname(
+            os.path.dirname(found.origin) if found.submodule_search_locations else found.origin
+        )
+        if root not in roots:
+            roots.append(root)
+    return roots
+
+
+def command(control_fd: int) -> list[str]:
+    """The zygote's argv: this interpreter, isolated (-I) and without site (-S)."""
+    boot = f"import sys; sys.path[:0] = {import_roots()!r}; import sandboxd.zygote as z; z.main()"
+    return [sys.executable, "-I", "-S", "-c", boot, str(control_fd)]
 
 
 def root_of(spec: JailSpec, language: str) -> str:
