@@ -17,6 +17,7 @@ import importlib.util
 import os
 import select
 import signal
+import site
 import socket
 import sys
 from typing import NoReturn
@@ -137,6 +138,11 @@ class Zygote:
             rootfs.build(root_of(self.spec, language), entries, files)
         for name in WARM_MODULES:
             __import__(name)
+        # -S skipped site and the builtins it adds (exit, quit, help, copyright, credits,
+        # license), which snippets use; add those alone (site's path handling stays off).
+        site.setquit()
+        site.setcopyright()
+        site.sethelper()
         # Keepers are reaped by the kernel; each keeper resets this for its own child.
         signal.signal(signal.SIGCHLD, signal.SIG_IGN)
         # Move every object the zygote made out of the collector's reach, so a worker's

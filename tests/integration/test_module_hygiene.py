@@ -84,3 +84,10 @@ def test_httpx_and_requests_find_the_jails_ca_bundle_offline(daemon: Daemon) -> 
     assert str(seen["certifi"]).startswith(JAIL_SITE_PACKAGES + "/"), seen
     assert str(seen["bundle"]).startswith(JAIL_SITE_PACKAGES + "/"), seen
     assert seen["pem"] is True, seen
+
+
+def test_the_builtins_site_adds_are_there_without_site(daemon: Daemon) -> None:
+    answer = daemon.run("print(callable(help), callable(license))\nexit(4)")
+    assert answer["status"] == "error" and answer["exit_code"] == 4, answer
+    assert answer["stdout"] == "True True\n", answer
+    assert daemon.run("quit()")["status"] == "ok"
