@@ -27,12 +27,11 @@ import logging
 import os
 import socket
 import subprocess
-import sys
 from collections.abc import Callable
 
 import trio
 
-from sandboxd import control, deps
+from sandboxd import control, deps, zygote
 from sandboxd.config import Config, effective_pool_size
 from sandboxd.control import SpawnFailed, SpawnOrder, ZygoteStart
 from sandboxd.jail import JailSpec
@@ -72,7 +71,7 @@ class Zygote:
         env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
         try:
             self._process = await trio.lowlevel.open_process(
-                [sys.executable, "-I", "-m", "sandboxd.zygote", str(theirs.fileno())],
+                zygote.command(theirs.fileno()),
                 pass_fds=(theirs.fileno(),),
                 stdin=subprocess.DEVNULL,
                 env=env,

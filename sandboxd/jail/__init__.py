@@ -6,12 +6,13 @@ Processes (all forked, none exec'd except node):
 
   daemon (trio, root) ── control socket ──▶ zygote (root, warm interpreter)
       zygote: own mount namespace holding the read-only root templates
-      (rootfs.py) and one shared empty network namespace (namespaces.py);
+      (rootfs.py) and an empty network namespace (namespaces.py);
       seccomp programs compiled once (seccomp.py). It never holds a client
       or listening socket: it is spawned with only its control socket.
   zygote ──fork──▶ keeper (root, trusted, never runs user code)
       joins the egress network namespace if the worker is for runs with
-      network (network.py); unshare(mount, pid, ipc, uts); forks the worker,
+      network (network.py); unshare(mount, pid, ipc, uts, and net for a
+      worker without network: its own); forks the worker,
       moves it into its cgroup (cgroup.py, scope.py), waits for it and
       reports its exit status and rusage.
   keeper ──fork──▶ worker (pid 1 of its own pid namespace)

@@ -16,7 +16,8 @@ Layout (pid = the daemon's pid, so leftovers of a dead daemon can be found):
 The link is a /30 of link-local space (LINK_POOL): link-local addresses are never
 routed, so they cannot shadow a destination a run wants, and blocking 169.254.0.0/16
 keeps runs off both the cloud metadata services and every other daemon's link.
-Unix sockets are out of reach already (chroot); this module decides IP reach only.
+This module decides IP reach; runs with network get no named Unix socket and no
+bind or listen (jail/seccomp.py, EGRESS_SOCKET_RULES), as they share this namespace.
 
 Forwarding is enabled per interface, never globally: on the veth (so the namespace's
 packets may be forwarded) and on the uplinks of the default routes (so their replies
