@@ -32,8 +32,9 @@ from sandboxd.jail import seccomp
 log = logging.getLogger("sandboxd.seccomplog")
 
 KMSG = "/dev/kmsg"
-# The record may be printed a little after the process is reaped.
-WAIT = 0.1
+# The record may be printed a little after the process is reaped: the kernel's audit
+# thread prints it, later still on a loaded machine.
+WAIT = 0.25
 REMEMBERED = 256
 _TYPE = b" type=1326 "
 

@@ -270,8 +270,9 @@ OFFLINE_SOCKET_ALLOW: frozenset[str] = frozenset({"bind", "listen"})
 # Sockets of a run with network: every network run shares the egress namespace, whose
 # abstract Unix names and ports every other network run would see. So, EACCES for:
 # - socket(AF_UNIX): no named Unix socket at all (abstract names are per namespace);
-# - socketpair other than stream or seqpacket: a datagram pair could be autobound to an
-#   abstract name (SO_PASSCRED) and be sent to by name from another run;
+# - socketpair other than stream or seqpacket: one end of a datagram pair, dissolved by
+#   connect(AF_UNSPEC) and autobound to an abstract name (SO_PASSCRED), takes datagrams
+#   (and fds) from any run that finds the name by scanning;
 # - bind and listen: no run takes a port another would see (EADDRINUSE) or serves one.
 #   Clients are unaffected: connect() picks an ephemeral port by itself.
 # Loopback and the namespace's own address are closed by its nft input chain

@@ -1,20 +1,26 @@
 """The blocked-syscall message names the call the kernel's audit record names.
 
 The kernel rate-limits these records (and every test daemon on the machine
-produces them), so a run's message may be missing: it is given only when
-known. Each test repeats the run until one answer has a message, and every
-answer must be the right verdict with the right name or none.
+produces them), and its audit thread prints them a little after the kill, so a
+run's message may be missing: it is given only when known. Each test repeats
+the run until one answer has a message, and every answer must be the right
+verdict with the right name or none.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
 
 from tests.integration.conftest import Daemon
 
-ATTEMPTS = 5
+ATTEMPTS = 8
+# The kernel prints at most 10 audit records per 5 s machine-wide (printk_ratelimit)
+# and every test daemon on the machine competes for them: attempts are spread out
+# so that they fall into more than one window.
+SPACING = 1.0
 
 # comm is the run's to choose: a name that holds a field of the record.
 SPOOFED_COMM = """
@@ -43,6 +49,7 @@ def named(daemon: Daemon, code: str) -> list[dict[str, Any]]:
         assert answer["status"] == "blocked_syscall", answer
         if answer.get("message"):
             break
+        time.sleep(SPACING)
     return answers
 
 
