@@ -136,6 +136,19 @@ class DepsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     index_url: str = ""
 
 
+class ClientsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    # Connections served at once per listening socket; past it a new one gets overloaded
+    # (HTTP 503) and is closed.
+    max_connections: PosInt = 256
+    # Bytes all connections together may hold: unfinished lines and bodies, requests in
+    # flight, unsent answers; a request past it gets overloaded (HTTP 503).
+    max_buffered_bytes: PosInt = 48 * 1024 * 1024
+    # Bytes of answers not yet sent on one NDJSON connection; past it the connection closes.
+    max_unsent_bytes: PosInt = 8 * 1024 * 1024
+    # Seconds one NDJSON answer may take to be sent; a client that does not read is closed.
+    send_timeout: Seconds = 10.0
+
+
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     http: HttpConfig = msgspec.field(default_factory=HttpConfig)
@@ -145,6 +158,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     python3: PythonConfig = msgspec.field(default_factory=PythonConfig)
     nodejs: NodeConfig = msgspec.field(default_factory=NodeConfig)
     deps: DepsConfig = msgspec.field(default_factory=DepsConfig)
+    clients: ClientsConfig = msgspec.field(default_factory=ClientsConfig)
 
 
 # --- Loading -----------------------------------------------------------------------------------
@@ -372,6 +386,9 @@ _AT_LEAST = (
     ("limits.max_memory_mb", "limits.memory_mb"),
     ("limits.max_requests", "limits.max_workers"),
     ("jail.uid_max", "jail.uid_min"),
+    # The largest request the caps allow must fit in the total buffer.
+    ("clients.max_buffered_bytes", "server.max_line_bytes"),
+    ("clients.max_buffered_bytes", "http.max_body_bytes"),
 )
 
 

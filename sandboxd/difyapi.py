@@ -376,13 +376,17 @@ def too_large(target: str, limit: int) -> Response:
     return _refused(_path(target), "too_large", f"request body is larger than {limit} bytes")
 
 
-async def handle(request: Request, ctx: Context) -> Response:
-    """Route, authorize and answer one complete request."""
+def refusal(request: Request, ctx: Context) -> Response | None:
+    """The answer refusing a request on its head alone (404, 405, 401), None to go on.
+
+    http.py asks this before it reads any body byte, so an unauthenticated client
+    never makes the daemon buffer a body (invariant 17).
+    """
     path = _path(request.target)
     route = ROUTES.get(path)
     if route is None:
         return envelope(404, -404, f"no route {path}")
-    method, handler, auth = route
+    method, _handler, auth = route
     if request.method != method:
         return Response(
             405,
@@ -391,7 +395,20 @@ async def handle(request: Request, ctx: Context) -> Response:
         )
     if auth != "none" and not authorized(request.headers, ctx.config.http.api_key):
         if auth == "native":
-            refusal = ProtocolError("unauthorized", "bad or missing X-Api-Key")
-            return native_error(refusal.reply(None))
+            denied = ProtocolError("unauthorized", "bad or missing X-Api-Key")
+            return native_error(denied.reply(None))
         return UNAUTHORIZED
-    return await handler(request, ctx)
+    return None
+
+
+def overloaded(target: str, message: str) -> Response:
+    """503 with Retry-After, in the envelope of the route asked for."""
+    return _refused(_path(target), "overloaded", message)
+
+
+async def handle(request: Request, ctx: Context) -> Response:
+    """Route, authorize and answer one complete request."""
+    refused = refusal(request, ctx)
+    if refused is not None:
+        return refused
+    return await ROUTES[_path(request.target)][1](request, ctx)
