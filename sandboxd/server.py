@@ -214,7 +214,7 @@ class _NdjsonConnection:
         if self.unsent + len(message) > clients.max_unsent_bytes:
             self.drop(f"over {clients.max_unsent_bytes} bytes of answers not read")
         elif not self.budget.take(len(message)):
-            self.drop("the daemon's buffers are full and this client does not read its answers")
+            self.drop("no room in the daemon's buffers for its answers")
         else:
             self.unsent += len(message)
             self.outbox.send_nowait(message)
@@ -239,14 +239,15 @@ class _NdjsonConnection:
         """Run one request holding `size` bytes of the budget, and queue its answer."""
         try:
             job = job_from_request(request, self.config)
-            self.queue(encode(await self.service.run(job, request.id)))
+            answer = encode(await self.service.run(job, request.id))
         except ProtocolError as error:
-            self.queue(encode(error.reply(request.id)))
+            answer = encode(error.reply(request.id))
         except Exception:  # a fault of ours costs this request, not the connection
             log.exception("request failed inside the daemon (%s)", self.peer)
-            self.queue(encode(ProtocolError("internal", "sandbox failure").reply(request.id)))
+            answer = encode(ProtocolError("internal", "sandbox failure").reply(request.id))
         finally:
-            self.budget.give(size)
+            self.budget.give(size)  # the request is done with; its answer is held instead
+        self.queue(answer)
 
     def dispatch(self, line: bytes, runs: trio.Nursery) -> None:
         request = decode_request(line)
