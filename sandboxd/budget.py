@@ -2,8 +2,9 @@
 
 Each front end takes bytes from one ByteBudget before it buffers them (an
 unfinished NDJSON line, an HTTP body, a request in flight, an answer not yet
-sent) and gives them back when they are gone. A take that would pass the limit
-is refused, and the front end answers ``overloaded`` instead of growing.
+sent) and gives them back when they are gone; a request in flight is charged
+for each copy the daemon holds of it (``request_cost``). A take that would pass
+the limit is refused, and the front end answers ``overloaded`` instead of growing.
 ``Holding`` is one owner's share, given back whole when the owner is done, so
 a connection that fails in any way cannot keep bytes reserved.
 """
@@ -11,6 +12,15 @@ a connection that fails in any way cannot keep bytes reserved.
 from __future__ import annotations
 
 from types import TracebackType
+
+# A request's bytes are held about three times while it is served: as received, as the
+# decoded code, and framed for the worker. A request in flight is charged that many.
+REQUEST_COPIES = 3
+
+
+def request_cost(size: int) -> int:
+    """What a request of `size` bytes costs the budget while it is served."""
+    return REQUEST_COPIES * size
 
 
 class ByteBudget:
@@ -24,6 +34,11 @@ class ByteBudget:
             return False
         self.used += size
         return True
+
+    def charge(self, size: int) -> None:
+        """Count `size` bytes that exist already (a finished answer), even past the limit:
+        until they are gone, new requests are refused instead."""
+        self.used += size
 
     def give(self, size: int) -> None:
         self.used -= size

@@ -34,7 +34,7 @@ import h11
 import trio
 
 from sandboxd import difyapi
-from sandboxd.budget import ByteBudget, Holding
+from sandboxd.budget import ByteBudget, Holding, request_cost
 from sandboxd.config import Config, parse_listen
 from sandboxd.difyapi import Context, Response
 from sandboxd.jobs import Service
@@ -184,7 +184,7 @@ class _Connection:
     async def _read_body(self, request: h11.Request, held: Holding) -> bytes:
         """A POST body, held in the budget; any other body is read and dropped."""
         keep = request.method == b"POST"
-        if keep and not held.resize(_content_length(request) or 0):
+        if keep and not held.resize(request_cost(_content_length(request) or 0)):
             await self._overloaded(request)
         body = bytearray()
         size = 0
@@ -197,7 +197,8 @@ class _Connection:
                     raise _Closed
                 if keep:
                     body += event.data
-                    if len(body) > held.held and not held.resize(len(body)):
+                    cost = request_cost(len(body))
+                    if cost > held.held and not held.resize(cost):
                         await self._overloaded(request)
             elif isinstance(event, h11.EndOfMessage):
                 return bytes(body)

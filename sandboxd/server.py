@@ -9,12 +9,14 @@ that connection only); `serve_ndjson` only moves bytes between a stream and the
 sans-IO protocol.
 
 Bounds on one NDJSON connection ([clients] in the config):
-- its unfinished line and every request in flight hold bytes of the daemon-wide
-  ByteBudget; a request that does not fit gets ``overloaded``, an unfinished line
-  that does not fit gets ``overloaded`` and a close;
-- answers go out through one writer task; answers not yet sent past
-  ``max_unsent_bytes``, or one send that takes longer than ``send_timeout``
-  (a client that sends and never reads), close the connection and cancel its runs.
+- its unfinished line and every request in flight (each copy of it) hold bytes
+  of the daemon-wide ByteBudget; a request that does not fit gets ``overloaded``,
+  an unfinished line that does not fit gets ``overloaded`` and a close;
+- answers go out through one writer task, counted in the budget until sent (they
+  may pass it: they exist already, and new requests are refused meanwhile);
+  answers not yet sent past ``max_unsent_bytes``, or one send that takes longer
+  than ``send_timeout`` (a client that sends and never reads), close the
+  connection and cancel its runs.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from sandboxd.budget import ByteBudget, Holding
+from sandboxd.budget import ByteBudget, Holding, request_cost
 from sandboxd.config import Config
 from sandboxd.jobs import Service, job_from_request
 from sandboxd.protocol import (
@@ -212,10 +214,10 @@ class _NdjsonConnection:
         if self.dropped:
             return
         if self.unsent + len(message) > clients.max_unsent_bytes:
-            self.drop(f"over {clients.max_unsent_bytes} bytes of answers not read")
-        elif not self.budget.take(len(message)):
-            self.drop("no room in the daemon's buffers for its answers")
+            cap = clients.max_unsent_bytes
+            self.drop(f"over {cap} bytes of answers unsent (the client does not read)")
         else:
+            self.budget.charge(len(message))
             self.unsent += len(message)
             self.outbox.send_nowait(message)
 
@@ -235,8 +237,8 @@ class _NdjsonConnection:
                 self.unsent -= len(message)
                 self.budget.give(len(message))
 
-    async def answer(self, request: RunRequest, size: int) -> None:
-        """Run one request holding `size` bytes of the budget, and queue its answer."""
+    async def answer(self, request: RunRequest, cost: int) -> None:
+        """Run one request holding `cost` bytes of the budget, and queue its answer."""
         try:
             job = job_from_request(request, self.config)
             answer = encode(await self.service.run(job, request.id))
@@ -246,18 +248,18 @@ class _NdjsonConnection:
             log.exception("request failed inside the daemon (%s)", self.peer)
             answer = encode(ProtocolError("internal", "sandbox failure").reply(request.id))
         finally:
-            self.budget.give(size)  # the request is done with; its answer is held instead
+            self.budget.give(cost)  # the request is done with; its answer is held instead
         self.queue(answer)
 
     def dispatch(self, line: bytes, runs: trio.Nursery) -> None:
         request = decode_request(line)
         if isinstance(request, ErrorReply):
             self.queue(encode(request))
-        elif not self.budget.take(len(line)):
+        elif not self.budget.take(cost := request_cost(len(line))):
             busy = ProtocolError("overloaded", BUFFERS_FULL)
             self.queue(encode(busy.reply(request.id)))
         else:
-            runs.start_soon(self.answer, request, len(line))
+            runs.start_soon(self.answer, request, cost)
 
     async def _receive(self) -> bytes:
         """The next bytes from the client; b"" at its end of file or when it reset."""

@@ -70,7 +70,7 @@ def test_body_past_the_byte_budget_is_503_with_retry_after() -> None:
 
 
 def test_budget_is_given_back_after_each_request() -> None:
-    budget = ByteBudget(1000)
+    budget = ByteBudget(2000)  # one body at a time, with its copies
     body = json.dumps({"language": "python3", "code": "x" * 500}).encode()
     request = head(KEY, len(body)) + body
     out = exchange(http(EchoService(), config(), budget), [request, request, request])
@@ -113,8 +113,8 @@ def test_ndjson_answers_past_the_unsent_cap_close_the_connection() -> None:
 
 
 def test_ndjson_request_past_the_byte_budget_is_overloaded_and_the_next_is_served() -> None:
-    budget = ByteBudget(1000)
-    # One chunk with three lines: the first two do not fit in the budget together.
+    budget = ByteBudget(2300)
+    # One chunk with three lines: the first two (3 copies each) do not fit together.
     data = line("z" * 550, 1) + line("z" * 550, 2) + line("print(3)", 3)
     out = exchange(ndjson(EchoService(), config(), budget), [data])
     answers = {a["id"]: a for a in map(json.loads, out.splitlines())}
