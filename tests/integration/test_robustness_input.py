@@ -13,7 +13,7 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -107,6 +107,15 @@ def served_meanwhile(daemon: Daemon, route: str = "ndjson") -> Iterator[Watch]:
     daemon.assert_healthy()
 
 
+def at_once(count: int, target: Callable[..., None], *args: object) -> None:
+    """`count` threads running target(*args) at the same time, until all are done."""
+    threads = [threading.Thread(target=target, args=args) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
 def native_http(daemon: Daemon, body: object, key: str | None = None) -> httpx.Response:
     return httpx.post(
         f"{daemon.http_url}/v1/run",
@@ -186,14 +195,7 @@ def test_unauthenticated_flood_of_big_bodies_is_refused_on_the_head(robust: Daem
     answers: list[bytes] = []
     with served_meanwhile(robust, route="http") as watch:
         for _round in range(3):
-            flood = [
-                threading.Thread(target=unauthenticated_upload, args=(robust, answers))
-                for _ in range(24)
-            ]
-            for thread in flood:
-                thread.start()
-            for thread in flood:
-                thread.join()
+            at_once(24, unauthenticated_upload, robust, answers)
     print(f"unauthenticated flood (72 x 16 MiB): peak VmRSS {watch.peak_rss / 2**20:.1f} MiB")
     assert len(answers) == 72
     assert all(answer.startswith(b"HTTP/1.1 401 ") for answer in answers), answers[:3]
@@ -211,14 +213,7 @@ def authenticated_upload(daemon: Daemon, statuses: list[int]) -> None:
 def test_authenticated_flood_of_big_bodies_stays_within_the_byte_budget(robust: Daemon) -> None:
     statuses: list[int] = []
     with served_meanwhile(robust) as watch:
-        flood = [
-            threading.Thread(target=authenticated_upload, args=(robust, statuses))
-            for _ in range(16)
-        ]
-        for thread in flood:
-            thread.start()
-        for thread in flood:
-            thread.join()
+        at_once(16, authenticated_upload, robust, statuses)
     print(f"authenticated flood (16 x 16 MiB): peak VmRSS {watch.peak_rss / 2**20:.1f} MiB")
     # 408: an upload slower than [http] header_timeout on this busy machine.
     assert set(statuses) <= {200, 408, 503, 0}, statuses
@@ -277,11 +272,7 @@ def slow_head(daemon: Daemon, outcomes: list[bytes]) -> None:
 def test_slow_loris_heads_are_cut_off_and_others_are_served(robust: Daemon) -> None:
     outcomes: list[bytes] = []
     with served_meanwhile(robust, route="http"):
-        slow = [threading.Thread(target=slow_head, args=(robust, outcomes)) for _ in range(20)]
-        for thread in slow:
-            thread.start()
-        for thread in slow:
-            thread.join()
+        at_once(20, slow_head, robust, outcomes)
     assert len(outcomes) == 20
     # Each one was answered 408 and closed (or closed), none left open.
     assert all(o.startswith(b"HTTP/1.1 408 ") or o == b"" for o in outcomes), outcomes
