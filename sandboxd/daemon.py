@@ -14,7 +14,7 @@ import shutil
 import signal
 import socket
 import sysconfig
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
@@ -22,6 +22,7 @@ import msgspec
 import trio
 
 from sandboxd import deps, http, server, systemd
+from sandboxd.budget import ByteBudget
 from sandboxd.config import Config, ConfigError, parse_listen
 from sandboxd.jail import JailSpec, network, rootfs, scope
 from sandboxd.jail.scope import Placement
@@ -129,21 +130,6 @@ def open_listeners(config: Config, passed: dict[str, list[int]]) -> Listeners:
     return Listeners(ndjson, web)
 
 
-async def _accept(
-    listener: trio.SocketListener,
-    handler: Callable[[trio.abc.Stream], Awaitable[None]],
-    connections: trio.Nursery,
-) -> None:
-    while True:
-        try:
-            stream = await listener.accept()
-        except OSError as error:  # EMFILE and friends: wait for fds to free up
-            log.error("accept failed: %s", error)
-            await trio.sleep(0.1)
-            continue
-        connections.start_soon(handler, stream)
-
-
 def _clean_runtime_dir(path: str) -> None:
     os.makedirs(path, mode=0o755, exist_ok=True)
     for name in os.listdir(path):
@@ -184,16 +170,36 @@ async def serve(
             await dispatcher.start(root)
             async with trio.open_nursery() as connections:
                 accepting = trio.CancelScope()
-                ndjson = partial(server.serve_ndjson, service=dispatcher, config=config)
-                web = partial(http.serve_http, service=dispatcher, config=config, metrics=metrics)
+                budget = ByteBudget(config.clients.max_buffered_bytes)
+                ndjson = partial(
+                    server.serve_ndjson, service=dispatcher, config=config, budget=budget
+                )
+                web = partial(
+                    http.serve_http,
+                    service=dispatcher,
+                    config=config,
+                    metrics=metrics,
+                    budget=budget,
+                )
+                cap = config.clients.max_connections
+                kinds = [
+                    (listeners.ndjson, ndjson, server.ndjson_refusal(cap)),
+                    (listeners.http, web, http.overloaded_refusal(cap)),
+                ]
 
                 async def accept_all() -> None:
                     with accepting:
                         async with trio.open_nursery() as loops:
-                            for item in listeners.ndjson:
-                                loops.start_soon(_accept, item, ndjson, connections)
-                            for item in listeners.http:
-                                loops.start_soon(_accept, item, web, connections)
+                            for items, handler, refusal in kinds:
+                                for item in items:
+                                    loops.start_soon(
+                                        server.serve_listener,
+                                        item,
+                                        handler,
+                                        refusal,
+                                        cap,
+                                        connections,
+                                    )
 
                 connections.start_soon(accept_all)
                 root.start_soon(_status_loop, dispatcher, notifier)

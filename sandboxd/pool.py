@@ -529,7 +529,8 @@ class Dispatcher:
 
 
 def queued_too_long(request_id: RequestId, waited_ms: float) -> RunResult:
-    """A request whose whole timeout passed while it waited for a worker."""
+    """A request whose whole timeout passed while it waited for a worker: a timeout
+    whose message says no run was started, unlike a run that took too long."""
     return RunResult(
         id=request_id,
         status="timeout",
@@ -541,4 +542,5 @@ def queued_too_long(request_id: RequestId, waited_ms: float) -> RunResult:
         wall_ms=round(waited_ms, 3),
         cpu_ms=0.0,
         peak_memory_bytes=None,
+        message=f"no worker became free within {waited_ms / 1000:.3g} s",
     )
