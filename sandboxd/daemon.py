@@ -23,10 +23,10 @@ import trio
 
 from sandboxd import deps, http, server, systemd
 from sandboxd.config import Config, ConfigError, parse_listen
-from sandboxd.jail import JailSpec, network, rootfs, scope
+from sandboxd.jail import JailSpec, cgroup, network, rootfs, scope
 from sandboxd.jail.scope import Placement
 from sandboxd.metrics import Metrics
-from sandboxd.pool import Dispatcher, Pool
+from sandboxd.pool import Dispatcher, GenerationFailed, Pool
 from sandboxd.runtimes.nodejs import NODE_MODULES
 
 log = logging.getLogger("sandboxd")
@@ -151,6 +151,25 @@ def _clean_runtime_dir(path: str) -> None:
             shutil.rmtree(os.path.join(path, name), ignore_errors=True)
 
 
+def remove_leftovers(runtime_dir: str) -> list[str]:
+    """Remove what daemons killed with SIGKILL left on the host (each object names its
+    daemon's pid; live neighbours' objects stay): v1 cgroups, generation scopes, egress
+    namespace files, veths and nft tables. The root templates need nothing: they are
+    mounted only in the zygote's own mount namespace, which dies with its processes."""
+    removed = [
+        *cgroup.remove_stale_legacy(),
+        *scope.remove_stale_scopes(),
+        *network.remove_stale_namespaces(),
+    ]
+    try:
+        network.cleanup_stale(runtime_dir)
+    except network.EgressError as error:
+        log.error("cannot remove a dead daemon's egress network: %s", error)
+    if removed:
+        log.warning("removed what dead daemons left: %s", ", ".join(removed))
+    return removed
+
+
 # The daemon moves bytes for every run: when a worker's wake-up competes with it for
 # a CPU, the daemon should win, or every answer waits behind the runs it serves.
 DAEMON_NICE = -5
@@ -171,6 +190,7 @@ async def serve(
         log.warning("cannot raise the daemon's priority (no CAP_SYS_NICE); runs may queue longer")
     passed = systemd.listen_fds()
     notifier = systemd.Notifier.from_environ()
+    remove_leftovers(config.server.runtime_dir)
     cgroups = choose_cgroups(config)
     spec, unavailable = build_spec(config, cgroups is not None)
     _clean_runtime_dir(config.server.runtime_dir)
@@ -270,7 +290,11 @@ async def reload(
     except StartupError as error:
         log.error("reload refused, keeping the running configuration: %s", error)
         return config
-    await dispatcher.replace(fresh, spec, unavailable)
+    try:
+        await dispatcher.replace(fresh, spec, unavailable)
+    except GenerationFailed as error:
+        log.error("reload failed, keeping the running configuration: %s", error)
+        return config
     log.info("reloaded: %s", describe_pools(dispatcher))
     return fresh
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import select
 import signal
 import socket
 from collections.abc import Callable
@@ -102,6 +103,12 @@ class Worker:
             await self._ctl.send(control.KILL)
         except OSError:
             pass  # keeper already gone: the worker died with it (parent-death signal)
+
+    def gone(self) -> bool:
+        """Whether a ready worker's keeper has spoken or hung up since (its worker died)."""
+        poller = select.poll()
+        poller.register(self._ctl.fileno(), select.POLLIN)
+        return bool(poller.poll(0))
 
     async def close(self) -> None:
         for stream in (self._job, self._out, self._err):
