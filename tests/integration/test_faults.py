@@ -9,6 +9,7 @@ import os
 import random
 import signal
 import socket
+import subprocess
 import threading
 import time
 from collections import Counter
@@ -18,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from sandboxd.jail import network
 from tests.integration.conftest import Daemon, start_daemon, stop_daemon
 
 STATUSES = {
@@ -267,3 +269,76 @@ def test_killing_random_workers_and_keepers_costs_only_their_runs(
         daemon.assert_healthy()
     finally:
         stop_daemon(daemon)
+
+
+ALLOW = '[network]\nmode = "allow"\n'
+SLEEPER = {"language": "python3", "code": "import time; time.sleep(30)"}
+CLOCK_NANOSLEEP = 230  # x86_64
+
+
+def sleeping(pids: list[int]) -> list[int]:
+    """Those of `pids` blocked in clock_nanosleep (a run inside time.sleep)."""
+    found = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/syscall") as handle:
+                if handle.read().split(" ", 1)[0] == str(CLOCK_NANOSLEEP):
+                    found.append(pid)
+        except OSError:
+            continue
+    return found
+
+
+def leftovers_of(pid: int, runtime_dir: str) -> list[str]:
+    """Every host object a daemon `pid` makes, that exists now."""
+    found = [
+        path
+        for controller in ("memory", "pids", "cpu", "cpuacct")
+        if os.path.exists(path := f"/sys/fs/cgroup/{controller}/sandboxd.{pid}")
+    ]
+    if os.path.exists(f"/sys/class/net/{network.LINK_PREFIX}{pid}h"):
+        found.append(f"link {network.LINK_PREFIX}{pid}h")
+    tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True, check=True)
+    if f"{network.TABLE_PREFIX}{pid}" in tables.stdout:
+        found.append(f"table {network.TABLE_PREFIX}{pid}")
+    runtime = os.path.realpath(runtime_dir)
+    with open("/proc/self/mountinfo") as mounts:
+        found += [f"mount {m}" for line in mounts if (m := line.split()[4]).startswith(runtime)]
+    return found
+
+
+def test_a_start_removes_what_a_killed_daemon_left_and_spares_a_live_neighbour(
+    tmp_path: Path,
+) -> None:
+    killed = start_daemon(tmp_path / "killed", ALLOW)
+    neighbour = start_daemon(tmp_path / "neighbour", ALLOW)
+    try:
+        killed.assert_healthy()
+        neighbour.assert_healthy()
+        # Runs in flight, on workers in cgroups, with and without network.
+        clients = []
+        for payload in (SLEEPER, {**SLEEPER, "enable_network": True}):
+            client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            client.connect(killed.socket_path)
+            client.sendall(json.dumps(payload).encode() + b"\n")
+            clients.append(client)
+        wait_until(lambda: len(sleeping(workers_of(killed))) == 2, "both runs asleep")
+        killed.process.kill()
+        killed.process.wait()
+        for client in clients:
+            client.close()
+        pid = killed.process.pid
+        assert leftovers_of(pid, killed.runtime_dir), "the kill left nothing to clean up"
+        mine = leftovers_of(neighbour.process.pid, neighbour.runtime_dir)
+        restarted = start_daemon(tmp_path / "restarted")
+        try:
+            restarted.assert_healthy()
+            assert leftovers_of(pid, killed.runtime_dir) == []
+            # The live neighbour's objects stay, and it goes on serving.
+            assert leftovers_of(neighbour.process.pid, neighbour.runtime_dir) == mine
+            neighbour.assert_healthy()
+            assert workers_of(killed) == [], "the killed daemon's workers outlived it"
+        finally:
+            stop_daemon(restarted)
+    finally:
+        stop_daemon(neighbour)
