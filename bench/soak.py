@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import sys
 import tempfile
@@ -120,6 +121,8 @@ class Soak:
     hostile: dict[str, Tally] = field(default_factory=dict)
     kills: Counter[str] = field(default_factory=Counter)
     rss: list[tuple[float, int | None]] = field(default_factory=list)
+    # The daemon's ERROR log lines, numbers blanked out, by count.
+    log_errors: Counter[str] = field(default_factory=Counter)
 
     async def good_client(self, seed: int) -> None:
         chooser = random.Random(seed)
@@ -227,6 +230,9 @@ class Soak:
                 f"daemon RSS: first {known[0] / 1024:.1f} MiB, max {max(known) / 1024:.1f} MiB, "
                 f"last {known[-1] / 1024:.1f} MiB ({len(known)} samples)"
             )
+        lines.append(f"daemon log: {sum(self.log_errors.values())} error lines")
+        for kind, count in self.log_errors.most_common(8):
+            lines.append(f"  {count:6d} x {kind[:150]}")
         return "\n".join(lines)
 
     def passed(self) -> bool:
@@ -247,6 +253,15 @@ class SoakPlan:
     uid_min: int = 4_500_000
     uid_count: int = 2000
     state_dir: str | None = None
+
+
+def error_kinds(log: Path) -> Counter[str]:
+    """ERROR lines of a daemon log, with numbers blanked so that alike lines count together."""
+    kinds: Counter[str] = Counter()
+    for line in log.read_text(errors="replace").splitlines():
+        if " ERROR " in line:
+            kinds[re.sub(r"[0-9]+", "N", line.split(" ERROR ", 1)[1])] += 1
+    return kinds
 
 
 async def soak(plan: SoakPlan) -> Soak:
@@ -281,6 +296,7 @@ async def soak(plan: SoakPlan) -> Soak:
                 await trio.sleep(plan.seconds)
                 nursery.cancel_scope.cancel()
             run.rss.append((plan.seconds, daemons.rss_kib(run.daemon_pid)))
+            run.log_errors = error_kinds(Path(temp) / "daemon.log")
             if daemon.process.returncode is not None:
                 raise daemons.DaemonFailed(
                     f"the daemon died during the soak:\n{daemons.log_tail(daemon.log)}"

@@ -44,7 +44,7 @@ from sandboxd import control, deps
 from sandboxd.config import Config, effective_pool_size
 from sandboxd.control import SpawnFailed, SpawnOrder, ZygoteStart
 from sandboxd.jail import JailSpec, seccomp
-from sandboxd.jail.cgroup import Backend, Limits, RunCgroup
+from sandboxd.jail.cgroup import Backend, Limits, RunCgroup, remove_when_empty
 from sandboxd.jail.identity import UidPool
 from sandboxd.jail.scope import Placement
 from sandboxd.jobs import Dependency, Job
@@ -69,7 +69,7 @@ MIB = 1024 * 1024
 HEAL_BACKOFF_MIN = 0.05
 HEAL_BACKOFF_MAX = 5.0
 HEAL_RESET = 30.0
-# How long a worker whose keeper vanished may take to leave its cgroup.
+# How long a retired worker's processes may take to leave its cgroup (they are killed).
 VANISHED_GRACE = 10.0
 
 
@@ -546,9 +546,14 @@ class Dispatcher:
             )
             fds = await generation.zygote.spawn(order)
         except BaseException:
-            self.uids.release(uid)
-            if cgroup is not None:
-                cgroup.remove()
+            # A zygote that died mid-order may have forked the keeper already: its worker
+            # is killed when the keeper's socket hangs up; the uid waits for its cgroup.
+            with trio.CancelScope(shield=True):
+                free = cgroup is None or await trio.to_thread.run_sync(
+                    remove_when_empty, cgroup, VANISHED_GRACE
+                )
+            if free:
+                self.uids.release(uid)
             raise
         generation.worker_started()
         return Worker(worker_id, language, uid, fds, cgroup, generation.worker_retired)
@@ -566,28 +571,18 @@ class Dispatcher:
             await worker.kill()
             with trio.move_on_after(10):
                 await worker.wait_exit()
-            # A keeper that vanished (killed) reports nothing: the run's cgroup then
-            # shows when every process of the run is gone.
-            if worker.exited is None and not await self._wait_cgroup_empty(worker):
-                log.error("worker %d did not exit; its uid stays reserved", worker.worker_id)
-                await worker.close()
-                return
+        # The uid is free once no process of the run is left: its cgroup shows that
+        # (even when its keeper vanished and reported nothing), else the keeper's report.
         if worker.cgroup is not None:
-            await trio.to_thread.run_sync(worker.cgroup.remove)  # rmdir can take ms
-        self.uids.release(worker.uid)
+            free = await trio.to_thread.run_sync(remove_when_empty, worker.cgroup, VANISHED_GRACE)
+        else:
+            free = worker.exited is not None
+        if free:
+            self.uids.release(worker.uid)
+        else:
+            log.error("worker %d did not exit; its uid stays reserved", worker.worker_id)
         # Last: closing tells the generation, which removes its cgroups after its last worker.
         await worker.close()
-
-    async def _wait_cgroup_empty(self, worker: Worker) -> bool:
-        """Whether the cgroup of a worker whose keeper vanished emptied (killing what is left)."""
-        cgroup = worker.cgroup
-        if cgroup is None:
-            return False
-        with trio.move_on_after(VANISHED_GRACE):
-            while not await trio.to_thread.run_sync(cgroup.kill_all):
-                await trio.sleep(0.05)
-            return True
-        return False
 
     async def wait_idle(self) -> None:
         """Until no request is admitted."""

@@ -84,7 +84,10 @@ class Worker:
         self._on_close = on_close
 
     async def _receive(self) -> Ready | Exited:
-        packet = await self._ctl.recv(control.MAX_PACKET)
+        try:
+            packet = await self._ctl.recv(control.MAX_PACKET)
+        except OSError as error:  # ECONNRESET: the keeper was killed with a packet unread
+            raise ProtocolError("internal", "worker keeper vanished") from error
         if not packet:
             raise ProtocolError("internal", "worker keeper vanished")
         message: Ready | Exited = control.keeper_decoder.decode(packet)

@@ -4,12 +4,13 @@ with kill -9 of workers and of the zygote against a real daemon loses nothing.""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import trio
 
 from bench.client import Answer, ErrorInfo
-from bench.soak import SoakPlan, Tally, classify, soak
+from bench.soak import SoakPlan, Tally, classify, error_kinds, soak
 
 
 def test_outcomes_are_classified_by_what_came_back() -> None:
@@ -28,6 +29,16 @@ def test_answered_is_sent_minus_silent_and_lost() -> None:
     assert (tally.sent, tally.answered) == (6, 4)
     assert "sent 6, answered 4, ok 2, overloaded 1, wrong 0, silent 1, lost 1" in tally.summary()
     assert "status:killed 1" in tally.summary()
+
+
+def test_error_lines_of_the_log_are_grouped_by_kind(tmp_path: Path) -> None:
+    log = tmp_path / "daemon.log"
+    log.write_text(
+        "sandboxd: ERROR generation 1: the zygote (pid 10) died\n"
+        "sandboxd: INFO healed: generation 2 serves\n"
+        "sandboxd: ERROR generation 2: the zygote (pid 31) died\n"
+    )
+    assert error_kinds(log) == {"generation N: the zygote (pid N) died": 2}
 
 
 def test_a_short_soak_with_kills_answers_every_request() -> None:

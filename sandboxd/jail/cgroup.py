@@ -130,6 +130,18 @@ def kill_members(path: str) -> bool:
     return not members
 
 
+def remove_when_empty(cgroup: RunCgroup, grace: float) -> bool:
+    """Kill what is left in a run's cgroup, then remove it; False (and the cgroup kept)
+    if processes are still inside after `grace` seconds. Blocking."""
+    deadline = time.monotonic() + grace
+    while not cgroup.kill_all():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    cgroup.remove()
+    return True
+
+
 def _rmdir(path: str) -> None:
     try:
         os.rmdir(path)
