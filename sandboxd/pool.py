@@ -24,8 +24,9 @@ Admission (Dispatcher.run): at most max_requests requests are admitted (running
 plus waiting); beyond that, `overloaded` at once. A request holds one of
 max_workers slots from taking a worker until its run is over. Its deadline
 starts at admission, so time spent waiting counts against its timeout. Each
-worker runs one job and is then retired: its uid and cgroup are released only
-after its keeper has reaped it, when its whole pid namespace is gone.
+worker runs one job and is then retired: its uid is released only once its
+cgroup is empty (its keeper's report where there are no cgroups), when its
+whole pid namespace is gone.
 """
 
 from __future__ import annotations
