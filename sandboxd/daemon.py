@@ -314,6 +314,6 @@ async def _status_loop(dispatcher: Dispatcher, notifier: systemd.Notifier) -> No
     while True:
         ready = ", ".join(f"{name} {p.ready}/{p.size}" for name, p in _named_pools(dispatcher))
         notifier.status(f"ready workers: {ready}; runs served: {dispatcher.runs_served}")
-        if all(p.failures < 3 for p in dispatcher.pools.values()):
+        if dispatcher.healthy():
             notifier.watchdog()
         await trio.sleep(period)

@@ -70,6 +70,9 @@ MIB = 1024 * 1024
 HEAL_BACKOFF_MIN = 0.05
 HEAL_BACKOFF_MAX = 5.0
 HEAL_RESET = 30.0
+# While a dead generation is being replaced the daemon counts as healthy (systemd's
+# watchdog is kept fed) for this long; past it, the watchdog is the last resort.
+HEAL_WATCHDOG_GRACE = 120.0
 # How long a retired worker's processes may take to leave its cgroup (they are killed).
 VANISHED_GRACE = 10.0
 
@@ -294,10 +297,13 @@ class Generation:
         self._all_retired = trio.Event()
         self._retiring = False
 
-    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Start the zygote and keep the pools full; started() once every pool is warm.
+    async def run(
+        self, warm: bool = True, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Start the zygote and keep the pools full; started() once every pool is warm
+        (or, with warm=False, as soon as the zygote is up: nothing else serves meanwhile).
 
-        Raises GenerationFailed when the zygote cannot start or dies before that."""
+        Raises GenerationFailed when the zygote cannot start or dies before started()."""
         self.started_at = trio.current_time()
         try:
             await self.zygote.start()
@@ -313,6 +319,9 @@ class Generation:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._watch_zygote)
                 for pool in self.pools.values():
+                    if not warm:
+                        nursery.start_soon(pool.refill)
+                        continue
                     await nursery.start(pool.refill)
                     if self.dead:
                         break
@@ -398,6 +407,8 @@ class Dispatcher:
         self._heal_backoff = 0.0
         # Generations started in place of one whose zygote died.
         self.heals = 0
+        # When the serving generation's zygote died (None while it is alive).
+        self._dead_since: float | None = None
 
     @property
     def spec(self) -> JailSpec:
@@ -424,12 +435,13 @@ class Dispatcher:
         assert self._nursery is not None, "start() first"
         self._nursery.start_soon(task, *args)
 
-    async def _start_generation(self, spec: JailSpec) -> Generation:
-        """A new generation, warm; GenerationFailed (with nothing left running) if not."""
+    async def _start_generation(self, spec: JailSpec, warm: bool = True) -> Generation:
+        """A new generation (warm, or with its zygote up); GenerationFailed (with nothing
+        left running) if not."""
         assert self._nursery is not None, "start() first"
         fresh = Generation(self, spec)
         try:
-            await self._nursery.start(fresh.run)
+            await self._nursery.start(fresh.run, warm)
         except GenerationFailed:
             await fresh.retire()
             raise
@@ -437,8 +449,16 @@ class Dispatcher:
             raise GenerationFailed("the zygote died as its generation started")
         return fresh
 
+    def healthy(self) -> bool:
+        """Whether systemd's watchdog should be fed: every pool of the serving generation
+        starts its workers, or a dead generation is being replaced (for a while)."""
+        if self._dead_since is not None:
+            return trio.current_time() - self._dead_since < HEAL_WATCHDOG_GRACE
+        return all(p.failures < FAILING_AFTER for p in self.pools.values())
+
     def _serve_from(self, fresh: Generation) -> Generation:
         old, self.generation = self.generation, fresh
+        self._dead_since = None
         self._switched.set()
         self._switched = trio.Event()
         return old
@@ -447,8 +467,12 @@ class Dispatcher:
         """Serve from a new generation once it is warm; runs in flight finish on the old.
         Raises GenerationFailed (the old generation goes on serving) if it cannot start."""
         async with self._replacing:
-            fresh = await self._start_generation(spec)
-            self.config = config
+            running, self.config = self.config, config  # the new pools' sizes and limits
+            try:
+                fresh = await self._start_generation(spec)
+            except GenerationFailed:
+                self.config = running
+                raise
             self.slots.total_tokens = config.limits.max_workers
             self.unavailable = unavailable
             self.start_soon(self._serve_from(fresh).retire)
@@ -457,6 +481,7 @@ class Dispatcher:
         """Called by a generation whose zygote died: retire it, and heal if it served."""
         self.start_soon(dead.retire)
         if dead is self.generation and not self.stopping:
+            self._dead_since = trio.current_time()
             self.start_soon(self._heal, dead)
 
     async def _heal(self, dead: Generation) -> None:
@@ -472,7 +497,9 @@ class Dispatcher:
                     HEAL_BACKOFF_MAX, max(HEAL_BACKOFF_MIN, 2 * self._heal_backoff)
                 )
                 try:
-                    fresh = await self._start_generation(dead.spec)
+                    # Nothing serves meanwhile: switch once the zygote is up, and let
+                    # waiting requests take its first workers as they get ready.
+                    fresh = await self._start_generation(dead.spec, warm=False)
                 except GenerationFailed as error:
                     log.error("healing: %s", error)
                     continue

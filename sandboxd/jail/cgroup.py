@@ -15,6 +15,7 @@ Two layouts, one interface:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -132,14 +133,21 @@ def kill_members(path: str) -> bool:
 
 def remove_when_empty(cgroup: RunCgroup, grace: float) -> bool:
     """Kill what is left in a run's cgroup, then remove it; False (and the cgroup kept)
-    if processes are still inside after `grace` seconds. Blocking."""
+    if it is still busy after `grace` seconds. Blocking."""
     deadline = time.monotonic() + grace
-    while not cgroup.kill_all():
+    dirs = [os.path.dirname(path) for path in cgroup.procs_files]
+    while True:
+        if cgroup.kill_all():
+            # A v1 cgroup can stay busy for a moment after its last process is gone.
+            for directory in dirs:
+                with contextlib.suppress(OSError):
+                    os.rmdir(directory)
+            if not any(os.path.exists(directory) for directory in dirs):
+                return True
         if time.monotonic() > deadline:
+            log.error("cannot remove cgroups %s: still busy after %g s", dirs, grace)
             return False
         time.sleep(0.01)
-    cgroup.remove()
-    return True
 
 
 def _rmdir(path: str) -> None:
