@@ -24,10 +24,10 @@ import trio
 from sandboxd import deps, http, server, systemd
 from sandboxd.budget import ByteBudget
 from sandboxd.config import Config, ConfigError, parse_listen
-from sandboxd.jail import JailSpec, network, rootfs, scope
+from sandboxd.jail import JailSpec, cgroup, network, rootfs, scope
 from sandboxd.jail.scope import Placement
 from sandboxd.metrics import Metrics
-from sandboxd.pool import Dispatcher, Pool
+from sandboxd.pool import Dispatcher, GenerationFailed, Pool
 from sandboxd.runtimes.nodejs import NODE_MODULES
 
 log = logging.getLogger("sandboxd")
@@ -137,6 +137,25 @@ def _clean_runtime_dir(path: str) -> None:
             shutil.rmtree(os.path.join(path, name), ignore_errors=True)
 
 
+def remove_leftovers(runtime_dir: str) -> list[str]:
+    """Remove what daemons killed with SIGKILL left on the host (each object names its
+    daemon's pid; live neighbours' objects stay): v1 cgroups, generation scopes, egress
+    namespace files, veths and nft tables. The root templates need nothing: they are
+    mounted only in the zygote's own mount namespace, which dies with its processes."""
+    removed = [
+        *cgroup.remove_stale_legacy(),
+        *scope.remove_stale_scopes(),
+        *network.remove_stale_namespaces(),
+    ]
+    try:
+        network.cleanup_stale(runtime_dir)
+    except network.EgressError as error:
+        log.error("cannot remove a dead daemon's egress network: %s", error)
+    if removed:
+        log.warning("removed what dead daemons left: %s", ", ".join(removed))
+    return removed
+
+
 # The daemon moves bytes for every run: when a worker's wake-up competes with it for
 # a CPU, the daemon should win, or every answer waits behind the runs it serves.
 DAEMON_NICE = -5
@@ -157,6 +176,7 @@ async def serve(
         log.warning("cannot raise the daemon's priority (no CAP_SYS_NICE); runs may queue longer")
     passed = systemd.listen_fds()
     notifier = systemd.Notifier.from_environ()
+    remove_leftovers(config.server.runtime_dir)
     cgroups = choose_cgroups(config)
     spec, unavailable = build_spec(config, cgroups is not None)
     _clean_runtime_dir(config.server.runtime_dir)
@@ -276,7 +296,11 @@ async def reload(
     except StartupError as error:
         log.error("reload refused, keeping the running configuration: %s", error)
         return config
-    await dispatcher.replace(fresh, spec, unavailable)
+    try:
+        await dispatcher.replace(fresh, spec, unavailable)
+    except GenerationFailed as error:
+        log.error("reload failed, keeping the running configuration: %s", error)
+        return config
     log.info("reloaded: %s", describe_pools(dispatcher))
     return fresh
 
@@ -296,6 +320,6 @@ async def _status_loop(dispatcher: Dispatcher, notifier: systemd.Notifier) -> No
     while True:
         ready = ", ".join(f"{name} {p.ready}/{p.size}" for name, p in _named_pools(dispatcher))
         notifier.status(f"ready workers: {ready}; runs served: {dispatcher.runs_served}")
-        if all(p.failures < 3 for p in dispatcher.pools.values()):
+        if dispatcher.healthy():
             notifier.watchdog()
         await trio.sleep(period)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import select
 import signal
 import socket
 from collections.abc import Callable
@@ -92,7 +93,10 @@ class Worker:
         self._on_close = on_close
 
     async def _receive(self) -> Ready | Exited:
-        packet = await self._ctl.recv(control.MAX_PACKET)
+        try:
+            packet = await self._ctl.recv(control.MAX_PACKET)
+        except OSError as error:  # ECONNRESET: the keeper was killed with a packet unread
+            raise ProtocolError("internal", "worker keeper vanished") from error
         if not packet:
             raise ProtocolError("internal", "worker keeper vanished")
         message: Ready | Exited = control.keeper_decoder.decode(packet)
@@ -111,6 +115,12 @@ class Worker:
             await self._ctl.send(control.KILL)
         except OSError:
             pass  # keeper already gone: the worker died with it (parent-death signal)
+
+    def gone(self) -> bool:
+        """Whether a ready worker's keeper has spoken or hung up since (its worker died)."""
+        poller = select.poll()
+        poller.register(self._ctl.fileno(), select.POLLIN)
+        return bool(poller.poll(0))
 
     async def close(self) -> None:
         for stream in (self._job, self._out, self._err):

@@ -218,7 +218,9 @@ class Keeper:
 
     def _run(self) -> None:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
+        # No parent-death signal: a keeper outlives a zygote that crashed, so the run on
+        # its worker finishes and its exit report frees the uid and cgroup. It answers to
+        # the daemon alone: when the daemon goes, its socket hangs up and it kills the worker.
         if self.order.network:
             if self.zygote.egress_fd is None:
                 raise RuntimeError("a network worker was ordered but there is no egress namespace")

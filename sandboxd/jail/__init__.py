@@ -14,7 +14,9 @@ Processes (all forked, none exec'd except node):
       network (network.py); unshare(mount, pid, ipc, uts, and net for a
       worker without network: its own); forks the worker,
       moves it into its cgroup (cgroup.py, scope.py), waits for it and
-      reports its exit status and rusage.
+      reports its exit status and rusage. It answers to the daemon alone
+      (no parent-death signal): it outlives a zygote that dies, and kills
+      its worker when the daemon's end of its socket hangs up.
   keeper ──fork──▶ worker (pid 1 of its own pid namespace)
       enters the jail in this order, failing closed at any step:
       fds 0/1/2 = job/stdout/stderr pipes, 3 = readiness pipe, rest closed;

@@ -4,7 +4,8 @@
 # is a function; `check GROUP FUNCTION` runs it and reports one line to
 # the host: PASS/FAIL NAME SECONDS [detail]. Groups: base (package and
 # sockets, no daemon needed), daemon (runs, limits, operation), collusion (two
-# attacker runs at once on this guest's kernel; needs base), purge.
+# attacker runs at once on this guest's kernel; needs base), faults (kill -9
+# of the zygote and of the service), purge.
 set -u
 export DEBIAN_FRONTEND=noninteractive LC_ALL=C.UTF-8
 # shellcheck source=/dev/null
@@ -491,6 +492,76 @@ network_runs_share_no_socket_or_port() {
     return $status
 }
 
+# --- faults -----------------------------------------------------------------------
+
+zygote_pid() { pgrep -P "$(main_pid)" -f sandboxd.zygote | head -1; }
+
+# kill_the_zygote: SIGKILL the serving zygote, then wait (up to 180 s: the guest is
+# emulated) until another one serves python3 runs; prints how long that took.
+kill_the_zygote() {
+    local old start
+    old=$(zygote_pid)
+    [ -n "$old" ] || { echo "no zygote under pid $(main_pid)"; return 1; }
+    start=$(date +%s%N)
+    kill -KILL "$old"
+    while [ $(( $(date +%s%N) - start )) -lt 180000000000 ]; do
+        if [ -n "$(zygote_pid)" ] && [ "$(zygote_pid)" != "$old" ] \
+            && [ "$(sandboxd run -c 'print(12)' 2>/dev/null)" = 12 ]; then
+            echo "served again $(( ($(date +%s%N) - start) / 1000000 )) ms after the kill"
+            return 0
+        fi
+        sleep 0.2
+    done
+    echo "no new zygote served within 180 s"
+    return 1
+}
+
+# kill -9 of the zygote under socket activation: a new generation serves, with no
+# service restart, and every request of the load got an answer.
+killed_zygote_heals_without_restart() {
+    local pid restarts counts
+    expect "run" "$(sandboxd run -c 'print(11)')" 11 || return 1
+    pid=$(main_pid)
+    restarts=$(systemctl show -P NRestarts sandboxd.service)
+    counts=$(with_load kill_the_zygote) || { echo "$counts"; return 1; }
+    expect "refused and silent" "$(field "$counts" refused) $(field "$counts" silent)" "0 0" || { echo "$counts"; return 1; }
+    expect "main pid" "$(main_pid)" "$pid" || return 1
+    expect "restarts" "$(systemctl show -P NRestarts sandboxd.service)" "$restarts" || return 1
+    journalctl -u sandboxd.service --no-pager -o cat | grep -q "healed: generation" || { echo "no heal logged"; return 1; }
+    echo "$counts"
+}
+
+# stale_pool_cgroups PID: cgroups under sandboxd.slice that are neither the service's
+# nor a pool scope of daemon PID.
+stale_pool_cgroups() {
+    find /sys/fs/cgroup/sandboxd.slice -mindepth 1 -maxdepth 1 -type d -printf '%f\n' \
+        | grep -v -x -e sandboxd.service -e "sandboxd-pool-$1-[0-9]*\.scope"
+}
+
+# systemctl kill -s KILL: systemd restarts the daemon (Restart=on-failure), and the
+# killed daemon's pool scopes and cgroups are gone once the new one serves.
+killed_service_restarts_clean() {
+    local old new i stale
+    expect "run" "$(sandboxd run -c 'print(13)')" 13 || return 1
+    old=$(main_pid)
+    [ -n "$(pool_scopes)" ] || { echo "no pool scope while the daemon runs"; return 1; }
+    systemctl kill -s KILL sandboxd.service || return 1
+    for i in $(seq 480); do
+        new=$(main_pid)
+        [ "$new" != 0 ] && [ "$new" != "$old" ] && [ "$(systemctl is-active sandboxd.service)" = active ] && break
+        sleep 0.5
+    done
+    [ "$new" != "$old" ] || { echo "not restarted"; return 1; }
+    expect "run after the restart" "$(sandboxd run -c 'print(14)')" 14 || return 1
+    for i in $(seq 60); do
+        stale=$(pool_scopes | grep -v -x "sandboxd-pool-$new-[0-9]*\.scope"; stale_pool_cgroups "$new")
+        [ -z "$stale" ] && break
+        sleep 0.5
+    done
+    [ -z "$stale" ] || { echo "stale after 30 s: $stale"; return 1; }
+    echo "old pid $old, new pid $new, scopes: $(pool_scopes | tr '\n' ' ')"
+}
+
 # --- purge ------------------------------------------------------------------------
 
 purge_leaves_nothing() {
@@ -536,6 +607,8 @@ check daemon stop_finishes_in_flight_runs
 check daemon stop_leaves_no_pool_scope
 check daemon network_allow_mode_serves
 check daemon never_restarted_by_failure_or_watchdog
+check faults killed_zygote_heals_without_restart
+check faults killed_service_restarts_clean
 check purge purge_leaves_nothing
 
 if [ $failures -gt 0 ]; then
