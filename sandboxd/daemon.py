@@ -23,7 +23,7 @@ import trio
 
 from sandboxd import deps, http, server, systemd
 from sandboxd.config import Config, ConfigError, parse_listen
-from sandboxd.jail import JailSpec, network, rootfs, scope
+from sandboxd.jail import JailSpec, identity, network, rootfs, scope
 from sandboxd.jail.scope import Placement
 from sandboxd.metrics import Metrics
 from sandboxd.pool import Dispatcher, Pool
@@ -169,6 +169,7 @@ async def serve(
         os.setpriority(os.PRIO_PROCESS, 0, DAEMON_NICE)  # sandboxd.service sets Nice= itself
     except PermissionError:
         log.warning("cannot raise the daemon's priority (no CAP_SYS_NICE); runs may queue longer")
+    uid_claim = claim_uids(config)
     passed = systemd.listen_fds()
     notifier = systemd.Notifier.from_environ()
     cgroups = choose_cgroups(config)
@@ -227,6 +228,15 @@ async def serve(
     network.teardown_egress(os.getpid(), config.server.runtime_dir)
     if dispatcher.placement is not None:
         dispatcher.placement.close()
+    uid_claim.close()
+
+
+def claim_uids(config: Config) -> identity.UidClaim:
+    """This daemon's hold on its [jail] uid range; StartupError if another daemon has it."""
+    try:
+        return identity.claim_uid_range(config.jail.uid_min, config.jail.uid_max)
+    except OSError as error:
+        raise StartupError(str(error)) from error
 
 
 async def reload(
