@@ -83,6 +83,10 @@ def build_spec(config: Config, cgroups_in_force: bool) -> tuple[JailSpec, dict[s
         node_path=os.path.realpath(node),
         node_bootstrap=NODE_BOOTSTRAP,
         egress_netns=egress,
+        extra_syscalls={
+            "python3": list(config.python3.extra_syscalls),
+            "nodejs": list(config.nodejs.extra_syscalls),
+        },
     )
     return spec, unavailable
 

@@ -85,7 +85,10 @@ class Zygote:
     def __init__(self, sock: socket.socket, spec: JailSpec) -> None:
         self.sock = sock
         self.spec = spec
-        self.programs = {language: seccomp.compile_policy(language) for language in spec.roots}
+        self.programs = {
+            language: seccomp.compile_policy(language, spec.extra_syscalls.get(language, ()))
+            for language in spec.roots
+        }
         self.egress_fd: int | None = None
 
     def prepare(self) -> None:

@@ -67,3 +67,5 @@ class JailSpec(msgspec.Struct, frozen=True):
     node_bootstrap: str
     # Network namespace (a /run/netns path) of runs with egress, None unless mode "allow".
     egress_netns: str | None = None
+    # language -> system calls the admin added to its seccomp allow-list (extra_syscalls).
+    extra_syscalls: dict[str, list[str]] = msgspec.field(default_factory=dict)
