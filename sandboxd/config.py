@@ -86,7 +86,7 @@ class LimitsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # Processes and threads a run may have at once.
     tasks: PosInt = 64
     # Bytes of stdout+stderr kept; past it the run is killed with output_limit.
-    output_bytes: PosInt = 1024 * 1024
+    output_bytes: PosInt = 8 * 1024 * 1024
     # Largest file a run may write, in MiB.
     file_size_mb: PosInt = 64
     # Size of the run's private /tmp, in MiB.
