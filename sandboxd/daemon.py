@@ -21,7 +21,7 @@ from functools import partial
 import msgspec
 import trio
 
-from sandboxd import deps, http, server, systemd
+from sandboxd import debianpy, deps, http, server, systemd
 from sandboxd.config import Config, ConfigError, parse_listen
 from sandboxd.jail import JailSpec, identity, network, rootfs, scope
 from sandboxd.jail.scope import Placement
@@ -51,6 +51,11 @@ def build_spec(config: Config, cgroups_in_force: bool) -> tuple[JailSpec, dict[s
         python_extra[site] = JAIL_SITE_PACKAGES
         python_path.append(JAIL_SITE_PACKAGES)
     roots = {"python3": rootfs.python_entries(python_extra)}
+    # Debian's jinja2, requests, httpx: importable offline, behind the synced environment.
+    packaged = [e for e in debianpy.root_entries("python3") if e not in roots["python3"]]
+    if packaged:
+        roots["python3"] += packaged
+        python_path.append(debianpy.DIST_PACKAGES)
     unavailable: dict[str, str] = {}
     node = config.nodejs.path
     if not (os.path.isfile(node) and os.access(node, os.X_OK)):

@@ -147,6 +147,14 @@ python_over_http() {
     expect stdout "$(dify_run python3 'print(6 * 7)')" 42
 }
 
+# Nothing was synced (the guest has no network): Debian's packages serve at once.
+offline_defaults_import() {
+    local out
+    out=$(run_json python3 'import jinja2, requests, httpx; print(jinja2.Template("{{ n }}").render(n=42), jinja2.__file__)') || return 1
+    expect status "$(field "$out" status)" ok || return 1
+    expect stdout "$(field "$out" stdout)" "42 /usr/lib/python3/dist-packages/jinja2/__init__.py"
+}
+
 nodejs_over_http() {
     expect stdout "$(dify_run nodejs 'console.log(6 * 7)')" 42
 }
@@ -376,6 +384,7 @@ check daemon python_over_unix_socket
 check daemon nodejs_over_unix_socket
 check daemon python_over_http
 check daemon nodejs_over_http
+check daemon offline_defaults_import
 check daemon http_requires_the_api_key
 check daemon memory_bomb_gets_memory_verdict
 check daemon fork_bomb_gets_tasks_verdict

@@ -32,6 +32,7 @@ PACKAGES = (
     # the .deb's Depends and Recommends (see packaging/debian/control)
     "python3", "python3-seccomp", "python3-pystemd", "libseccomp2", "libsystemd0",
     "adduser", "iproute2", "nftables", "nodejs", "python3-pip",
+    "python3-jinja2", "python3-requests", "python3-httpx",
     # the checks: HTTP client, ps/pkill, runuser (util-linux is already essential)
     "curl", "procps",
 )  # fmt: skip
