@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal, NamedTuple, get_args, get_origin
 
 import msgspec
 
-from sandboxd.jail import seccomp
+from sandboxd.jail import network, seccomp
 
 NetworkMode = Literal["deny", "reject", "allow"]
 CgroupMode = Literal["systemd", "auto", "off"]
@@ -113,6 +113,9 @@ class NetworkConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # What enable_network=true gets: "deny" runs without network, "reject" answers
     # like dify-sandbox (-400), "allow" gives the run egress (ENABLE_NETWORK=true).
     mode: NetworkMode = "deny"
+    # Proxy ("http://HOST:PORT" or "socks5://HOST:PORT") that runs with network go through:
+    # they get it in HTTP_PROXY/HTTPS_PROXY and reach that address:port only; "" for none.
+    proxy: str = ""
 
 
 class PythonConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -217,6 +220,11 @@ def _listen_port(old: str, port: int) -> str:
 Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
 
 
+def _socks5_url(_old: str, value: str) -> str:
+    """SOCKS5_PROXY: host:port, or a URL with its own socks5 scheme."""
+    return value if "://" in value else f"socks5://{value}"
+
+
 def _add_syscalls(old: list[str], text: str) -> list[str]:
     """ALLOWED_SYSCALLS: numbers or names, comma-separated, added to the configured ones."""
     added = [seccomp.syscall_from_text(item) for item in text.split(",") if item.strip()]
@@ -243,6 +251,10 @@ DIFY_ENV: tuple[EnvOverride, ...] = (
     EnvOverride("ENABLE_PRELOAD", "python3.enable_preload"),
     EnvOverride("NODEJS_PATH", "nodejs.path"),
     EnvOverride("PIP_MIRROR_URL", "deps.index_url"),
+    # Dify's compose sets both to its squid; a SOCKS5_PROXY wins over them (one proxy).
+    EnvOverride("HTTP_PROXY", "network.proxy"),
+    EnvOverride("HTTPS_PROXY", "network.proxy"),
+    EnvOverride("SOCKS5_PROXY", "network.proxy", _socks5_url),
     # dify-sandbox's list of extra calls applies to both runtimes (it adds, never replaces).
     EnvOverride("ALLOWED_SYSCALLS", "python3.extra_syscalls", _add_syscalls, str),
     EnvOverride("ALLOWED_SYSCALLS", "nodejs.extra_syscalls", _add_syscalls, str),
@@ -438,6 +450,12 @@ def _check(config: Config, sources: _Sources) -> None:
         for name in _value(config, key):
             if problem := seccomp.extra_syscall_problem(name):
                 raise ConfigError(f"{key} ({sources.where(key)}): {problem}")
+    if config.network.proxy:
+        try:
+            network.parse_proxy(config.network.proxy)
+        except ValueError as error:
+            where = sources.where("network.proxy")
+            raise ConfigError(f"network.proxy ({where}): {error}") from None
     try:
         parse_listen(config.http.listen)
     except ValueError:

@@ -68,9 +68,12 @@ def build_spec(config: Config, cgroups_in_force: bool) -> tuple[JailSpec, dict[s
     # so the rlimits on data and processes are only backstops above the cgroup limits.
     backstop = 2 if cgroups_in_force else 1
     egress = None
+    proxy_env: dict[str, str] = {}
     if config.network.mode == "allow":
         try:
-            egress = network.setup_egress(os.getpid(), config.server.runtime_dir)
+            egress, proxy_env = network.setup_proxied_egress(
+                os.getpid(), config.server.runtime_dir, config.network.proxy
+            )
         except network.EgressError as error:
             raise StartupError(f'[network] mode = "allow": no egress network: {error}') from error
     spec = JailSpec(
@@ -88,6 +91,7 @@ def build_spec(config: Config, cgroups_in_force: bool) -> tuple[JailSpec, dict[s
         node_path=os.path.realpath(node),
         node_bootstrap=NODE_BOOTSTRAP,
         egress_netns=egress,
+        proxy_env=proxy_env,
         extra_syscalls={
             "python3": list(config.python3.extra_syscalls),
             "nodejs": list(config.nodejs.extra_syscalls),

@@ -17,6 +17,8 @@ import socket
 import sys
 from typing import NoReturn
 
+import msgspec
+
 from sandboxd import control, runtimes
 from sandboxd.control import Exited, Ready, Spawned, SpawnFailed, SpawnOrder, ZygoteStart
 from sandboxd.jail import (
@@ -258,7 +260,8 @@ def worker_main(
     zygote: Zygote, order: SpawnOrder, stdio: tuple[int, int, int], go_r: int, ready_w: int
 ) -> NoReturn:
     """Pid 1 of the new namespaces: jail itself, report ready, run one job. Fails closed."""
-    spec = zygote.spec
+    # Only runs with network get the proxy's variables.
+    spec = zygote.spec if order.network else msgspec.structs.replace(zygote.spec, proxy_env={})
     runtime = runtimes.get(order.language)
     report_fd = ready_w
     step = "start"
