@@ -24,6 +24,14 @@ may). An uplink that did not forward before gets a guard in the table (forwarded
 packets entering on it must be replies) and is recorded in the table's comment, so
 that the last teardown puts its forwarding back.
 
+With [network] proxy the table narrows egress to the proxy alone (proxy_rules):
+a proxy on the host (squid on 127.0.0.1) is reached through a DNAT of the link's
+host end, port P, to it (route_localnet on that one link), input accepts exactly
+that flow and nothing is forwarded; a proxy elsewhere is the only destination
+forwarded. Runs get the proxy's URL as they must dial it (proxy_environment).
+This assumes every run with network lives in this namespace and reaches the
+outside only through the veth: the rules are on the host side of that link.
+
 The namespace file lives in the runtime dir, not /run/netns: under systemd's
 ProtectSystem=strict only the runtime dir is writable, and the namespace then dies
 with the service's mount namespace even if the daemon is killed.
