@@ -4,7 +4,8 @@ PY := /usr/bin/python3
 VENV := .venv
 # Debian packages the daemon, its jail and its tests use from the host.
 APT_PACKAGES := python3-venv python3-pip python3-seccomp python3-pystemd libseccomp2 \
-	bubblewrap nodejs ca-certificates tzdata nftables iproute2
+	bubblewrap nodejs ca-certificates tzdata nftables iproute2 \
+	python3-jinja2 python3-requests python3-httpx squid
 CONFIG ?= etc/sandboxd/sandboxd.toml
 # Where `make run` keeps its state (dependency environments) in a dev checkout.
 DEV_STATE := $(CURDIR)/var/state

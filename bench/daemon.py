@@ -49,6 +49,10 @@ def _toml_value(value: object) -> str:
     raise DaemonFailed(f"cannot carry config value {value!r} into the bench's config")
 
 
+BENCH_UID_MIN = 3_900_000
+BENCH_UID_COUNT = 1000
+
+
 def write_config(base: Path | None, socket: str, runtime_dir: str, target: Path) -> None:
     """The base config (tables of scalars) with the bench's socket and runtime dir."""
     tables: dict[str, dict[str, object]] = {}
@@ -56,6 +60,10 @@ def write_config(base: Path | None, socket: str, runtime_dir: str, target: Path)
         with base.open("rb") as file:
             tables = {name: dict(values) for name, values in tomllib.load(file).items()}
     tables.setdefault("server", {}).update(socket=socket, runtime_dir=runtime_dir)
+    # A uid range of its own: a daemon refuses to start on a range another daemon holds,
+    # and the packaged default (61000..61999) belongs to the host's installed sandboxd.
+    tables.setdefault("jail", {}).setdefault("uid_min", BENCH_UID_MIN)
+    tables["jail"].setdefault("uid_max", BENCH_UID_MIN + BENCH_UID_COUNT - 1)
     lines = []
     for name, values in tables.items():
         lines.append(f"[{name}]")

@@ -99,7 +99,8 @@ def _parser() -> argparse.ArgumentParser:
         "check",
         help="print the configuration in force and host support",
         description="Load the configuration (reporting any error with its key and line) "
-        "and print it with what this host supports: root, cgroups, node.",
+        "and print it with what this host supports: root, cgroups, node, and each "
+        "language's effective seccomp allow-list (extra_syscalls included).",
     )
     _config_option(check)
     deps_cli.add_parsers(commands)
@@ -233,7 +234,23 @@ def _check(args: argparse.Namespace) -> int:
     if backend is not None:
         backend.close()
     print(json.dumps(msgspec.to_builtins(config), indent=2))
+    _print_seccomp(config)
     return 0
+
+
+def _print_seccomp(config: Config) -> None:
+    """The effective seccomp allow-list of each language, extra_syscalls included."""
+    from sandboxd.jail import seccomp
+
+    for language, extra in (
+        ("python3", config.python3.extra_syscalls),
+        ("nodejs", config.nodejs.extra_syscalls),
+    ):
+        allowed = sorted(seccomp.policy_for(language, extra).allowed_names())
+        print(f"seccomp {language}: {len(allowed)} calls allowed, extra: {', '.join(extra) or '-'}")
+        print(
+            textwrap.fill(" ".join(allowed), width=100, initial_indent="  ", subsequent_indent="  ")
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal, NamedTuple, get_args, get_origin
 import msgspec
 
 from sandboxd.budget import REQUEST_COPIES, request_cost
+from sandboxd.jail import network, seccomp
 
 NetworkMode = Literal["deny", "reject", "allow"]
 CgroupMode = Literal["systemd", "auto", "off"]
@@ -86,7 +87,7 @@ class LimitsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # Processes and threads a run may have at once.
     tasks: PosInt = 64
     # Bytes of stdout+stderr kept; past it the run is killed with output_limit.
-    output_bytes: PosInt = 1024 * 1024
+    output_bytes: PosInt = 8 * 1024 * 1024
     # Largest file a run may write, in MiB.
     file_size_mb: PosInt = 64
     # Size of the run's private /tmp, in MiB.
@@ -113,6 +114,9 @@ class NetworkConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # What enable_network=true gets: "deny" runs without network, "reject" answers
     # like dify-sandbox (-400), "allow" gives the run egress (ENABLE_NETWORK=true).
     mode: NetworkMode = "deny"
+    # Proxy ("http://HOST:PORT" or "socks5://HOST:PORT") that runs with network go through:
+    # they get it in HTTP_PROXY/HTTPS_PROXY and reach that address:port only; "" for none.
+    proxy: str = ""
 
 
 class PythonConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -120,6 +124,8 @@ class PythonConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     pool_size: NonNegInt = 0
     # Run a request's preload (inside the jail, right before the code) (ENABLE_PRELOAD).
     enable_preload: bool = False
+    # System calls added to the python3 seccomp allow-list, by name (ALLOWED_SYSCALLS).
+    extra_syscalls: list[str] = msgspec.field(default_factory=list)
 
 
 class NodeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -127,6 +133,8 @@ class NodeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     path: str = "/usr/bin/node"
     # Ready nodejs workers kept warm; 0 means two per core.
     pool_size: NonNegInt = 0
+    # System calls added to the nodejs seccomp allow-list, by name (ALLOWED_SYSCALLS).
+    extra_syscalls: list[str] = msgspec.field(default_factory=list)
 
 
 class DepsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -227,6 +235,17 @@ def _listen_port(old: str, port: int) -> str:
 Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
 
 
+def _socks5_url(_old: str, value: str) -> str:
+    """SOCKS5_PROXY: host:port, or a URL with its own socks5 scheme."""
+    return value if "://" in value else f"socks5://{value}"
+
+
+def _add_syscalls(old: list[str], text: str) -> list[str]:
+    """ALLOWED_SYSCALLS: numbers or names, comma-separated, added to the configured ones."""
+    added = [seccomp.syscall_from_text(item) for item in text.split(",") if item.strip()]
+    return [*old, *(name for name in added if name not in old)]
+
+
 class EnvOverride(NamedTuple):
     variable: str
     key: str  # the dotted config key it sets
@@ -247,6 +266,13 @@ DIFY_ENV: tuple[EnvOverride, ...] = (
     EnvOverride("ENABLE_PRELOAD", "python3.enable_preload"),
     EnvOverride("NODEJS_PATH", "nodejs.path"),
     EnvOverride("PIP_MIRROR_URL", "deps.index_url"),
+    # Dify's compose sets both to its squid; a SOCKS5_PROXY wins over them (one proxy).
+    EnvOverride("HTTP_PROXY", "network.proxy"),
+    EnvOverride("HTTPS_PROXY", "network.proxy"),
+    EnvOverride("SOCKS5_PROXY", "network.proxy", _socks5_url),
+    # dify-sandbox's list of extra calls applies to both runtimes (it adds, never replaces).
+    EnvOverride("ALLOWED_SYSCALLS", "python3.extra_syscalls", _add_syscalls, str),
+    EnvOverride("ALLOWED_SYSCALLS", "nodejs.extra_syscalls", _add_syscalls, str),
 )
 # SANDBOXD_<SECTION>_<KEY> for every key; applied after the dify names, so it wins.
 GENERIC_ENV: tuple[EnvOverride, ...] = tuple(
@@ -356,6 +382,20 @@ def _parse_toml(text: str, path: str) -> dict[str, Any]:
         raise ConfigError(f"{path}:{line[1] if line else ''}: invalid TOML: {exc}") from None
 
 
+def _is_list(kind: Any) -> bool:
+    return get_origin(kind) is list
+
+
+def _list_items(text: str) -> Any:
+    """A list key's variable: a TOML array ("[\"a\", \"b\"]") or comma-separated items."""
+    if text.lstrip().startswith("["):
+        try:
+            return tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            return text  # msgspec then says an array was expected
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
 def _apply_env(config: Config, environ: Mapping[str, str], sources: _Sources) -> Config:
     known = {override.variable for override in ENV_OVERRIDES}
     for name in environ:
@@ -371,7 +411,9 @@ def _apply_env(config: Config, environ: Mapping[str, str], sources: _Sources) ->
         section, _, name = override.key.partition(".")
         kind = override.parse_as or _FIELDS[override.key]
         try:
-            value = msgspec.convert(text, kind, strict=False)
+            value = msgspec.convert(
+                _list_items(text) if _is_list(kind) else text, kind, strict=False
+            )
         except msgspec.ValidationError as exc:
             where = f"environment variable {override.variable}={text!r}"
             raise ConfigError(f"{override.key} ({where}): {_problem(str(exc), kind)}") from None
@@ -389,6 +431,9 @@ _AT_LEAST = (
     ("limits.max_requests", "limits.max_workers"),
     ("jail.uid_max", "jail.uid_min"),
 )
+
+
+_EXTRA_SYSCALL_KEYS = ("python3.extra_syscalls", "nodejs.extra_syscalls")
 
 
 def _check(config: Config, sources: _Sources) -> None:
@@ -420,6 +465,16 @@ def _check(config: Config, sources: _Sources) -> None:
             f" limits.max_workers make {alive} workers, each needing its own uid",
             "jail.uid_min",
         )
+    for key in _EXTRA_SYSCALL_KEYS:
+        for name in _value(config, key):
+            if problem := seccomp.extra_syscall_problem(name):
+                raise ConfigError(f"{key} ({sources.where(key)}): {problem}")
+    if config.network.proxy:
+        try:
+            network.parse_proxy(config.network.proxy)
+        except ValueError as error:
+            where = sources.where("network.proxy")
+            raise ConfigError(f"network.proxy ({where}): {error}") from None
     try:
         parse_listen(config.http.listen)
     except ValueError:

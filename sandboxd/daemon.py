@@ -21,10 +21,10 @@ from functools import partial
 import msgspec
 import trio
 
-from sandboxd import deps, http, server, systemd
+from sandboxd import debianpy, deps, http, server, systemd
 from sandboxd.budget import ByteBudget
 from sandboxd.config import Config, ConfigError, parse_listen
-from sandboxd.jail import JailSpec, cgroup, network, rootfs, scope
+from sandboxd.jail import JailSpec, cgroup, identity, network, rootfs, scope
 from sandboxd.jail.scope import Placement
 from sandboxd.metrics import Metrics
 from sandboxd.pool import Dispatcher, GenerationFailed, Pool
@@ -52,6 +52,11 @@ def build_spec(config: Config, cgroups_in_force: bool) -> tuple[JailSpec, dict[s
         python_extra[site] = JAIL_SITE_PACKAGES
         python_path.append(JAIL_SITE_PACKAGES)
     roots = {"python3": rootfs.python_entries(python_extra)}
+    # Debian's jinja2, requests, httpx: importable offline, behind the synced environment.
+    packaged = [e for e in debianpy.root_entries("python3") if e not in roots["python3"]]
+    if packaged:
+        roots["python3"] += packaged
+        python_path.append(debianpy.DIST_PACKAGES)
     unavailable: dict[str, str] = {}
     node = config.nodejs.path
     if not (os.path.isfile(node) and os.access(node, os.X_OK)):
@@ -64,9 +69,12 @@ def build_spec(config: Config, cgroups_in_force: bool) -> tuple[JailSpec, dict[s
     # so the rlimits on data and processes are only backstops above the cgroup limits.
     backstop = 2 if cgroups_in_force else 1
     egress = None
+    proxy_env: dict[str, str] = {}
     if config.network.mode == "allow":
         try:
-            egress = network.setup_egress(os.getpid(), config.server.runtime_dir)
+            egress, proxy_env = network.setup_proxied_egress(
+                os.getpid(), config.server.runtime_dir, config.network.proxy
+            )
         except network.EgressError as error:
             raise StartupError(f'[network] mode = "allow": no egress network: {error}') from error
     spec = JailSpec(
@@ -84,6 +92,11 @@ def build_spec(config: Config, cgroups_in_force: bool) -> tuple[JailSpec, dict[s
         node_path=os.path.realpath(node),
         node_bootstrap=NODE_BOOTSTRAP,
         egress_netns=egress,
+        proxy_env=proxy_env,
+        extra_syscalls={
+            "python3": list(config.python3.extra_syscalls),
+            "nodejs": list(config.nodejs.extra_syscalls),
+        },
     )
     return spec, unavailable
 
@@ -174,6 +187,7 @@ async def serve(
         os.setpriority(os.PRIO_PROCESS, 0, DAEMON_NICE)  # sandboxd.service sets Nice= itself
     except PermissionError:
         log.warning("cannot raise the daemon's priority (no CAP_SYS_NICE); runs may queue longer")
+    uid_claim = claim_uids(config)
     passed = systemd.listen_fds()
     notifier = systemd.Notifier.from_environ()
     remove_leftovers(config.server.runtime_dir)
@@ -253,6 +267,15 @@ async def serve(
     network.teardown_egress(os.getpid(), config.server.runtime_dir)
     if dispatcher.placement is not None:
         dispatcher.placement.close()
+    uid_claim.close()
+
+
+def claim_uids(config: Config) -> identity.UidClaim:
+    """This daemon's hold on its [jail] uid range; StartupError if another daemon has it."""
+    try:
+        return identity.claim_uid_range(config.jail.uid_min, config.jail.uid_max)
+    except OSError as error:
+        raise StartupError(str(error)) from error
 
 
 async def reload(

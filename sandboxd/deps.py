@@ -82,6 +82,11 @@ class SyncError(Exception):
     """A sync that did not happen; the live environment is unchanged."""
 
 
+class NoSourceFile(SyncError):
+    """The requirements file or package.json does not exist: that language has nothing to
+    sync. The daemon's routes answer success, as dify-sandbox does; the CLI says so."""
+
+
 # --- Layout: environments, the live link, the switch and garbage collection --------------------
 
 
@@ -283,6 +288,8 @@ def _read_source(path: str, what: str) -> bytes:
     try:
         with open(path, "rb") as handle:
             return handle.read()
+    except FileNotFoundError:
+        raise NoSourceFile(f"cannot read the {what} {path}: it does not exist") from None
     except OSError as error:
         raise SyncError(f"cannot read the {what} {path}: {error.strerror}") from None
 

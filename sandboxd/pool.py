@@ -534,6 +534,8 @@ class Dispatcher:
             await trio.to_thread.run_sync(
                 deps.sync_configured, config.deps, config.server.state_dir, language
             )
+        except deps.NoSourceFile:
+            return  # nothing to sync: the live environment stays, as in dify-sandbox
         except deps.SyncError as error:
             raise ProtocolError("internal", f"dependency sync failed: {error}") from error
         if self._spec_builder is not None:

@@ -22,6 +22,8 @@ import socket
 import sys
 from typing import NoReturn
 
+import msgspec
+
 from sandboxd import control, runtimes
 from sandboxd.control import Exited, Ready, Spawned, SpawnFailed, SpawnOrder, ZygoteStart
 from sandboxd.jail import (
@@ -117,7 +119,9 @@ class Zygote:
         self.spec = spec
         # One program per language for runs without network and one for runs with it.
         self.programs = {
-            (language, network): seccomp.compile_policy(language, network)
+            (language, network): seccomp.compile_policy(
+                language, spec.extra_syscalls.get(language, ()), network
+            )
             for language in spec.roots
             for network in (False, True)
         }
@@ -297,7 +301,8 @@ def worker_main(
     zygote: Zygote, order: SpawnOrder, stdio: tuple[int, int, int], go_r: int, ready_w: int
 ) -> NoReturn:
     """Pid 1 of the new namespaces: jail itself, report ready, run one job. Fails closed."""
-    spec = zygote.spec
+    # Only runs with network get the proxy's variables.
+    spec = zygote.spec if order.network else msgspec.structs.replace(zygote.spec, proxy_env={})
     runtime = runtimes.get(order.language)
     report_fd = ready_w
     step = "start"

@@ -71,3 +71,7 @@ class JailSpec(msgspec.Struct, frozen=True):
     node_bootstrap: str
     # Network namespace (a /run/netns path) of runs with egress, None unless mode "allow".
     egress_netns: str | None = None
+    # Environment variables of runs with network: the proxy ([network] proxy), else none.
+    proxy_env: dict[str, str] = msgspec.field(default_factory=dict)
+    # language -> system calls the admin added to its seccomp allow-list (extra_syscalls).
+    extra_syscalls: dict[str, list[str]] = msgspec.field(default_factory=dict)

@@ -25,6 +25,14 @@ may). An uplink that did not forward before gets a guard in the table (forwarded
 packets entering on it must be replies) and is recorded in the table's comment, so
 that the last teardown puts its forwarding back.
 
+With [network] proxy the table narrows egress to the proxy alone (proxy_rules):
+a proxy on the host (squid on 127.0.0.1) is reached through a DNAT of the link's
+host end, port P, to it (route_localnet on that one link), input accepts exactly
+that flow and nothing is forwarded; a proxy elsewhere is the only destination
+forwarded. Runs get the proxy's URL as they must dial it (proxy_environment).
+This assumes every run with network lives in this namespace and reaches the
+outside only through the veth: the rules are on the host side of that link.
+
 The namespace file lives in the runtime dir, not /run/netns: under systemd's
 ProtectSystem=strict only the runtime dir is writable, and the namespace then dies
 with the service's mount namespace even if the daemon is killed.
@@ -38,7 +46,9 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
+import urllib.parse
 from dataclasses import dataclass
 
 from sandboxd.jail import libc
@@ -75,10 +85,23 @@ class EgressError(Exception):
 
 
 @dataclass(frozen=True)
+class Proxy:
+    """[network] proxy, resolved once: the only address:port runs with network reach."""
+
+    scheme: str  # "http", "socks5" or "socks5h"
+    address: ipaddress.IPv4Address
+    port: int
+    # The address is the host's own (squid on 127.0.0.1 or on a host address): runs
+    # reach it through a DNAT of the link's host end, never by routing to the host.
+    on_host: bool
+
+
+@dataclass(frozen=True)
 class Plan:
     pid: int
     link: ipaddress.IPv4Network  # a /30 of LINK_POOL
     runtime_dir: str
+    proxy: Proxy | None = None
 
     @property
     def table(self) -> str:
@@ -135,11 +158,13 @@ def host_rules(plan: Plan, guarded_uplinks: tuple[str, ...]) -> str:
         if guarded_uplinks
         else ""
     )
+    proxy_input, proxy_forward, proxy_nat = proxy_rules(plan)
     return (
         f"table inet {plan.table} {{\n"
         f'    comment "{comment}"\n'
         "    chain input {\n"
         "        type filter hook input priority filter - 10; policy accept;\n"
+        f"{proxy_input}"
         f"        iifname {veth} meta l4proto tcp reject with tcp reset\n"
         f"        iifname {veth} reject with icmpx type admin-prohibited\n"
         "    }\n"
@@ -147,6 +172,7 @@ def host_rules(plan: Plan, guarded_uplinks: tuple[str, ...]) -> str:
         "        type filter hook forward priority filter - 10; policy accept;\n"
         f"        iifname {veth} meta nfproto ipv6 drop\n"
         f"        iifname {veth} ip saddr != {plan.ns_address} drop\n"
+        f"{proxy_forward}"
         f"        iifname {veth} ip daddr {{ {blocked} }} reject with icmpx type admin-prohibited\n"
         # A DNAT on the host (published container ports...) leads to a host service.
         f"        iifname {veth} ct status dnat reject with icmpx type admin-prohibited\n"
@@ -158,8 +184,126 @@ def host_rules(plan: Plan, guarded_uplinks: tuple[str, ...]) -> str:
         "        type nat hook postrouting priority srcnat; policy accept;\n"
         f"        ip saddr {plan.ns_address} oifname != {veth} masquerade\n"
         "    }\n"
+        f"{proxy_nat}"
         "}\n"
     )
+
+
+# --- Proxy egress: [network] proxy makes the proxy the only reachable address:port ---------
+
+PROXY_SCHEMES = {"http": 3128, "socks5": 1080, "socks5h": 1080}  # scheme -> default port
+# Marks the proxy's rules in the table, so a reload sees whether the proxy changed.
+PROXY_MARK = "sandboxd-proxy"
+
+
+def parse_proxy(url: str) -> tuple[str, str, int]:
+    """(scheme, host, port) of a proxy URL such as http://127.0.0.1:3128; ValueError if bad."""
+    parts = urllib.parse.urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in PROXY_SCHEMES:
+        raise ValueError(f"{url!r}: the scheme must be one of {', '.join(PROXY_SCHEMES)}")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError(f"{url!r}: credentials in the proxy URL are not supported")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError(f"{url!r}: a proxy URL is scheme://host:port, nothing more")
+    try:
+        port = parts.port or PROXY_SCHEMES[scheme]
+    except ValueError as error:
+        raise ValueError(f"{url!r}: {error}") from None
+    if not parts.hostname:
+        raise ValueError(f"{url!r}: no host")
+    return scheme, parts.hostname, port
+
+
+def _is_host_address(address: ipaddress.IPv4Address) -> bool:
+    """Whether the host itself has this address (binding to it succeeds only then)."""
+    if address.is_loopback:
+        return True
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.bind((str(address), 0))
+        except OSError:
+            return False
+    return True
+
+
+def resolve_proxy(url: str) -> Proxy:
+    """The proxy of a [network] proxy URL, its host resolved to one IPv4 address now
+    (runs have no DNS of their own to reach it by name). EgressError if impossible."""
+    try:
+        scheme, host, port = parse_proxy(url)
+        found = socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_STREAM)
+    except (ValueError, OSError) as error:
+        raise EgressError(f"[network] proxy {url!r}: {error}") from error
+    address = ipaddress.IPv4Address(found[0][4][0])
+    on_host = _is_host_address(address)
+    blocked = [net for net, _ in BLOCKED if address in ipaddress.IPv4Network(net)]
+    if blocked and not on_host:
+        raise EgressError(f"[network] proxy {url!r}: {address} is in blocked {blocked[0]}")
+    return Proxy(scheme, address, port, on_host)
+
+
+def proxy_rules(plan: Plan) -> tuple[str, str, str]:
+    """The proxy's lines of the host table: (input rules, forward rules, nat chain).
+
+    On the host (squid on loopback): the link's host end, port P, is DNAT'd to the
+    proxy, and input accepts exactly that flow; nothing is forwarded at all.
+    Elsewhere: forwarding only to the proxy's address and port.
+    """
+    proxy = plan.proxy
+    if proxy is None:
+        return "", "", ""
+    veth = f'"{plan.host_if}"'
+    mark = f'comment "{PROXY_MARK} {proxy.address}:{proxy.port}"'
+    refuse = "reject with icmpx type admin-prohibited"
+    if proxy.on_host:
+        accept = (
+            f"        iifname {veth} ip daddr {proxy.address} tcp dport {proxy.port}"
+            f" ct status dnat accept {mark}\n"
+        )
+        nat = (
+            "    chain proxy {\n"
+            "        type nat hook prerouting priority dstnat; policy accept;\n"
+            f"        iifname {veth} ip daddr {plan.host_address} tcp dport {proxy.port}"
+            f" dnat ip to {proxy.address}:{proxy.port}\n"
+            "    }\n"
+        )
+        return accept, f"        iifname {veth} {refuse}\n", nat
+    forward = (
+        f"        iifname {veth} ip daddr != {proxy.address} {refuse} {mark}\n"
+        f"        iifname {veth} meta l4proto != tcp {refuse}\n"
+        f"        iifname {veth} tcp dport != {proxy.port} {refuse}\n"
+    )
+    return "", forward, ""
+
+
+def proxy_url_for_runs(proxy: Proxy, host_address: ipaddress.IPv4Address) -> str:
+    """The proxy URL as a run must dial it: the link's host end for a proxy on the host
+    (the run's own 127.0.0.1 is its namespace's loopback), else the proxy's address."""
+    address = host_address if proxy.on_host else proxy.address
+    return f"{proxy.scheme}://{address}:{proxy.port}"
+
+
+def proxy_environment(url: str) -> dict[str, str]:
+    """The variables a run with network gets: both spellings, as clients read either."""
+    names = ["HTTP_PROXY", "HTTPS_PROXY"]
+    if not url.startswith("http://"):
+        names.append("ALL_PROXY")  # socks5: what curl, httpx and PySocks read
+    return {spelling: url for name in names for spelling in (name, name.lower())}
+
+
+def egress_host_address(pid: int) -> ipaddress.IPv4Address:
+    """The host end's address of daemon `pid`'s egress link (it must exist)."""
+    for link in json.loads(_run("ip", "-j", "-4", "addr", "show", "dev", f"{LINK_PREFIX}{pid}h")):
+        for info in link.get("addr_info", []):
+            return ipaddress.IPv4Address(info["local"])
+    raise EgressError(f"the egress link {LINK_PREFIX}{pid}h has no IPv4 address")
+
+
+def _proxy_in_force(table_text: str, proxy: Proxy | None) -> bool:
+    """Whether a table's proxy rules are those of `proxy` (none for None)."""
+    marks = re.findall(rf'comment "{PROXY_MARK} ([^"]*)"', table_text)
+    return marks == ([f"{proxy.address}:{proxy.port}"] if proxy else [])
 
 
 # Inside the egress namespace: replies only, IPv4 only.
@@ -252,14 +396,18 @@ def _forwarding(interface: str) -> bool:
 
 
 def _set_forwarding(interface: str, on: bool) -> None:
+    _set_sysctl(_forwarding_file(interface), on)
+
+
+def _set_sysctl(path: str, on: bool) -> None:
     try:
-        with open(_forwarding_file(interface), "w") as file:
+        with open(path, "w") as file:
             file.write("1" if on else "0")
     except OSError as error:
         hint = ""
         if error.errno == errno.EROFS:  # systemd's ProtectKernelTunables=
             hint = " (the service needs ReadWritePaths=/proc/sys/net/ipv4/conf)"
-        raise EgressError(f"cannot set IPv4 forwarding on {interface}: {error}{hint}") from error
+        raise EgressError(f"cannot set {path}: {error}{hint}") from error
 
 
 def used_links() -> set[ipaddress.IPv4Network]:
@@ -306,23 +454,26 @@ def _is_mount_point(path: str) -> bool:
         return any(line.split()[4] == path for line in file)
 
 
-def setup_egress(pid: int, runtime_dir: str) -> str:
+def setup_egress(pid: int, runtime_dir: str, proxy: Proxy | None = None) -> str:
     """Build (or find, on reload) the egress namespace of the daemon `pid`; its path.
 
-    Leftovers of daemons that are gone are removed first. Any failure removes what
-    was built and raises EgressError: a daemon in "allow" mode must not start then.
+    With a proxy, the namespace reaches that address:port only. Leftovers of
+    daemons that are gone are removed first. Any failure removes what was built and
+    raises EgressError: a daemon in "allow" mode must not start then.
     """
     path = netns_path(os.path.realpath(runtime_dir), pid)
+    table = _tables().get(f"{TABLE_PREFIX}{pid}")
     if (
         _is_mount_point(path)
         and _link_exists(f"{LINK_PREFIX}{pid}h")
-        and f"{TABLE_PREFIX}{pid}" in _tables()
+        and table is not None
+        and _proxy_in_force(table, proxy)
     ):
         return path
     cleanup_stale(runtime_dir)
     teardown_egress(pid, runtime_dir)
     try:
-        plan = Plan(pid, pick_link(pid, used_links()), os.path.realpath(runtime_dir))
+        plan = Plan(pid, pick_link(pid, used_links()), os.path.realpath(runtime_dir), proxy)
         _build(plan)
     except (EgressError, OSError) as error:
         try:
@@ -333,6 +484,16 @@ def setup_egress(pid: int, runtime_dir: str) -> str:
             raise
         raise EgressError(f"egress network: {error}") from error
     return path
+
+
+def setup_proxied_egress(pid: int, runtime_dir: str, proxy_url: str) -> tuple[str, dict[str, str]]:
+    """setup_egress() for [network] proxy (none when ""): the namespace path, and the
+    environment variables that point runs at the proxy."""
+    if not proxy_url:
+        return setup_egress(pid, runtime_dir), {}
+    proxy = resolve_proxy(proxy_url)
+    path = setup_egress(pid, runtime_dir, proxy)
+    return path, proxy_environment(proxy_url_for_runs(proxy, egress_host_address(pid)))
 
 
 def _build(plan: Plan) -> None:
@@ -359,6 +520,9 @@ def _build(plan: Plan) -> None:
     guarded = tuple(name for name in _default_uplinks() if name in others or not _forwarding(name))
     # The table (with its guards) exists before any forwarding is turned on.
     _run("nft", "-f", "-", stdin=host_rules(plan, guarded))
+    if plan.proxy is not None and plan.proxy.on_host:
+        # The DNAT to the host's loopback needs it, on this one link only.
+        _set_sysctl(f"/proc/sys/net/ipv4/conf/{host}/route_localnet", True)
     _set_forwarding(host, True)
     for name in guarded:
         _set_forwarding(name, True)

@@ -421,14 +421,59 @@ def build_program(policy: Policy) -> bytes:
         return os.pread(fd, os.fstat(fd).st_size, 0)
 
 
-def compile_policy(language: str, network: bool = False) -> bytes:
-    """The BPF program for a language ("python3" or "nodejs") and for runs without or
-    with network; call once, load many times."""
+# ---------------------------------------------------------------------------
+# Calls the host admin adds ([python3] / [nodejs] extra_syscalls, ALLOWED_SYSCALLS).
+# They join a policy's allow set; they never replace it, and never reach REFUSED.
+
+
+def extra_syscall_problem(name: str) -> str | None:
+    """Why `name` cannot be added to an allow-list, or None when it can."""
+    if name in REFUSED:
+        return f"{name!r} is refused for every language (sandboxd.jail.seccomp.REFUSED)"
+    try:
+        check_names([name])
+    except UnknownSyscallError:
+        return f"{name!r} is no system call on x86_64 or aarch64"
+    return None
+
+
+def syscall_from_text(text: str) -> str:
+    """A name as given, or the native name of a number ("217" -> "getdents64" on x86_64).
+
+    A number the running architecture does not know stays as its digits, which
+    extra_syscall_problem() then reports as no system call.
+    """
+    text = text.strip()
+    if text.isascii() and text.isdigit():
+        return syscall_name(int(text)) or text
+    return text
+
+
+def with_extra(policy: Policy, extra: Iterable[str]) -> Policy:
+    """policy plus `extra` allowed outright; names a rule already covers stay as they are.
+
+    A call with an argument rule (clone, ioctl, socket, prctl...) keeps that rule: an
+    extra name cannot widen it to every argument.
+    """
+    covered = policy.allowed_names() | policy.errno.keys()
+    added = frozenset(extra) - covered
+    return Policy(allow=policy.allow | added, errno=policy.errno, arg_rules=policy.arg_rules)
+
+
+def policy_for(language: str, extra: Iterable[str] = (), network: bool = False) -> Policy:
+    """The policy of a language ("python3" or "nodejs") for runs without or with network,
+    with the admin's extra calls."""
     try:
         policy = (NETWORK_POLICIES if network else POLICIES)[language]
     except KeyError:
         raise ValueError(f"no seccomp policy for language {language!r}") from None
-    return build_program(policy)
+    return with_extra(policy, extra)
+
+
+def compile_policy(language: str, extra: Iterable[str] = (), network: bool = False) -> bytes:
+    """The BPF program for a language plus extra calls, for runs without or with network;
+    call once, load many times."""
+    return build_program(policy_for(language, extra, network))
 
 
 # The AUDIT_ARCH_* value an audit record names each ABI by (linux/audit.h), with

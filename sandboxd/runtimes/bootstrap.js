@@ -224,6 +224,9 @@ function exitPromptly() {
 
 function main() {
   installStdio();
+  // Runs with network and [network] proxy: node's http, https and fetch go through it.
+  const proxy = process.env.HTTP_PROXY;
+  if (proxy) require(path.join(__dirname, 'proxy.js')).install(proxy);
   warmUp();
   writeAll(READY_FD, Buffer.from('ok'));
   fs.closeSync(READY_FD);

@@ -32,8 +32,8 @@ from sandboxd.jail import JailSpec
 # node root; require() finds packages there through NODE_PATH.
 NODE_MODULES = "/opt/sandboxd/node_modules"
 
-# The whole environment a run sees; nothing of the host's (NODE_OPTIONS,
-# NODE_EXTRA_CA_CERTS, proxies) is passed in.
+# The whole environment a run sees, with [network] proxy's variables for runs with
+# network; nothing of the host's (NODE_OPTIONS, NODE_EXTRA_CA_CERTS, proxies) is passed in.
 ENVIRONMENT = {
     "PATH": "/usr/bin",
     "HOME": "/tmp",
@@ -46,12 +46,14 @@ ENVIRONMENT = {
 HEAP_SHARE = 0.75
 
 
-def bootstrap_source() -> bytes:
-    return resources.files("sandboxd.runtimes").joinpath("bootstrap.js").read_bytes()
+def bootstrap_source(name: str = "bootstrap.js") -> bytes:
+    return resources.files("sandboxd.runtimes").joinpath(name).read_bytes()
 
 
 def root_files(spec: JailSpec) -> dict[str, bytes]:
-    return {spec.node_bootstrap: bootstrap_source()}
+    # proxy.js beside the bootstrap: the agent it loads for [network] proxy.
+    proxy_agent = os.path.join(os.path.dirname(spec.node_bootstrap), "proxy.js")
+    return {spec.node_bootstrap: bootstrap_source(), proxy_agent: bootstrap_source("proxy.js")}
 
 
 def prepare(spec: JailSpec) -> None:
@@ -69,4 +71,4 @@ def argv(spec: JailSpec) -> list[str]:
 def start(spec: JailSpec, ready_fd: int) -> NoReturn:
     """Exec node on the bootstrap; it reports ready on ready_fd once loaded."""
     os.set_inheritable(ready_fd, True)
-    os.execve(spec.node_path, argv(spec), ENVIRONMENT)
+    os.execve(spec.node_path, argv(spec), {**ENVIRONMENT, **spec.proxy_env})

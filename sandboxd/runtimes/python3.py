@@ -49,7 +49,7 @@ def prepare(spec: JailSpec) -> None:
     sys.path_importer_cache.clear()
     sys.argv[:] = ["-c"]
     os.environ.clear()
-    os.environ.update(ENVIRONMENT)
+    os.environ.update({**ENVIRONMENT, **spec.proxy_env})
 
 
 def _jail_module(module: object, jail_dirs: tuple[str, ...]) -> bool:

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from sandboxd.config import LimitsConfig
 from tests.integration.conftest import Daemon
 
 pytestmark = pytest.mark.nodejs
@@ -279,7 +280,7 @@ def test_output_flood_is_cut_at_the_cap(daemon: Daemon) -> None:
     answer = node(daemon, "const s = 'x'.repeat(65536)\nwhile (true) process.stdout.write(s)")
     assert answer["status"] == "output_limit"
     assert answer["truncated"] is True
-    assert len(answer["stdout"]) == 1 * MIB
+    assert len(answer["stdout"]) == LimitsConfig().output_bytes
     daemon.assert_healthy()
 
 

@@ -6,6 +6,7 @@ import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+from sandboxd.config import LimitsConfig
 from tests.integration.conftest import Daemon
 
 
@@ -93,7 +94,7 @@ def test_output_flood_is_cut_at_the_cap(daemon: Daemon) -> None:
     answer = daemon.run("import sys\nwhile True: sys.stdout.write('x' * 65536)")
     assert answer["status"] == "output_limit"
     assert answer["truncated"] is True
-    assert len(answer["stdout"]) == 1024 * 1024
+    assert len(answer["stdout"]) == LimitsConfig().output_bytes
     daemon.assert_healthy()
 
 

@@ -149,6 +149,14 @@ python_over_http() {
     expect stdout "$(dify_run python3 'print(6 * 7)')" 42
 }
 
+# Nothing was synced (the guest has no network): Debian's packages serve at once.
+offline_defaults_import() {
+    local out
+    out=$(run_json python3 'import jinja2, requests, httpx; print(jinja2.Template("{{ n }}").render(n=42), jinja2.__file__)') || return 1
+    expect status "$(field "$out" status)" ok || return 1
+    expect stdout "$(field "$out" stdout)" "42 /usr/lib/python3/dist-packages/jinja2/__init__.py"
+}
+
 nodejs_over_http() {
     expect stdout "$(dify_run nodejs 'console.log(6 * 7)')" 42
 }
@@ -341,6 +349,52 @@ serve_with_network_allow() {
     expect "run with enable_network" "$(dify_run python3 'print(10)' true)" 10 || return 1
     nft list tables | grep -q sandboxd || { echo "no sandboxd nft table: $(nft list tables)"; return 1; }
     expect "service after the run" "$(systemctl is-active sandboxd.service)" active
+}
+
+# [network] proxy with a squid on the guest's loopback: a run with network reaches an
+# allowed domain through it (python requests, node fetch and http), gets squid's 403
+# for another, and nothing directly. The guest has no network: squid's hosts_file maps
+# both test domains to the guest itself, where a test server listens on every address.
+proxied_run_reaches_only_the_proxy() {
+    local config=/etc/sandboxd/sandboxd.toml status
+    cp -a "$config" "$WORK/sandboxd.toml.orig"
+    serve_through_a_proxy "$config"
+    status=$?
+    [ $status -eq 0 ] || { journalctl -u sandboxd.service --no-pager -o cat -n 5; tail -5 "$WORK/squid/cache.log"; }
+    cp -a "$WORK/sandboxd.toml.orig" "$config"
+    [ -f "$WORK/squid/squid.pid" ] && kill "$(cat "$WORK/squid/squid.pid")"
+    [ -f "$WORK/www.pid" ] && kill "$(cat "$WORK/www.pid")"
+    systemctl restart sandboxd.service || return 1
+    [ $status -eq 0 ]
+}
+
+serve_through_a_proxy() {
+    local dir=$WORK/squid port=3129
+    ensure_default_route || { echo "no default route"; return 1; }
+    mkdir -p "$dir" "$WORK/www"
+    printf REACHED >"$WORK/www/index.html"
+    echo "127.0.0.1 allowed.test denied.test" >"$dir/hosts"
+    printf '%s\n' "http_port 127.0.0.1:$port" "pid_filename $dir/squid.pid" \
+        "cache_log $dir/cache.log" "access_log stdio:$dir/access.log" "cache_store_log none" \
+        "netdb_filename none" "pinger_enable off" "coredump_dir $dir" "hosts_file $dir/hosts" \
+        "shutdown_lifetime 0 seconds" "cache deny all" "acl sandboxd_allowed dstdomain allowed.test" \
+        "http_access allow sandboxd_allowed" "http_access deny all" >"$dir/squid.conf"
+    chmod 755 "$WORK"  # mktemp -d made it 0700; squid runs as proxy
+    chown -R proxy:proxy "$dir"
+    /usr/sbin/squid -f "$dir/squid.conf" || { echo "squid did not start"; return 1; }
+    (cd "$WORK/www" && exec python3 -m http.server 8080 --bind 0.0.0.0 >/dev/null 2>&1) &
+    echo $! >"$WORK/www.pid"
+    timeout 60 bash -c "until curl -s -o /dev/null http://127.0.0.1:8080/ && (exec 3<>/dev/tcp/127.0.0.1/$port); do sleep 0.5; done" ||
+        { echo "squid or the test server did not listen"; return 1; }
+    sed -i '/^\[network\]/,/^\[/ s/^#\? *mode = .*/mode = "allow"/' "$1"
+    sed -i "/^\[network\]/,/^\[/ s|^#\? *proxy = .*|proxy = \"http://127.0.0.1:$port\"|" "$1"
+    grep -A12 '^\[network\]' "$1" | grep -qx "proxy = \"http://127.0.0.1:$port\"" || { echo "config edit failed"; return 1; }
+    systemctl restart sandboxd.service || return 1
+    expect "python via squid" "$(dify_run python3 'import requests; print(requests.get("http://allowed.test:8080/", timeout=30).text)' true)" REACHED || return 1
+    expect "squid's 403" "$(dify_run python3 'import requests; print(requests.get("http://denied.test:8080/", timeout=30).status_code)' true)" 403 || return 1
+    expect "node fetch via squid" "$(dify_run nodejs 'fetch("http://allowed.test:8080/").then((r) => r.text()).then(console.log)' true)" REACHED || return 1
+    expect "node http via squid" "$(dify_run nodejs 'require("http").get("http://allowed.test:8080/", (r) => { r.on("data", (c) => process.stdout.write(c)); })' true)" REACHED || return 1
+    expect "direct connection" "$(dify_run python3 'import socket; s = socket.socket(); s.settimeout(5); print("MARKER" if s.connect_ex(("10.0.2.15", 8080)) == 0 else "refused")' true)" refused
 }
 
 never_restarted_by_failure_or_watchdog() {
@@ -592,6 +646,7 @@ check daemon python_over_unix_socket
 check daemon nodejs_over_unix_socket
 check daemon python_over_http
 check daemon nodejs_over_http
+check daemon offline_defaults_import
 check daemon http_requires_the_api_key
 check collusion runs_share_no_abstract_socket
 check collusion runs_share_no_port
@@ -606,6 +661,7 @@ check daemon units_are_only_the_live_pool
 check daemon stop_finishes_in_flight_runs
 check daemon stop_leaves_no_pool_scope
 check daemon network_allow_mode_serves
+check daemon proxied_run_reaches_only_the_proxy
 check daemon never_restarted_by_failure_or_watchdog
 check faults killed_zygote_heals_without_restart
 check faults killed_service_restarts_clean

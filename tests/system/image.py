@@ -32,6 +32,9 @@ PACKAGES = (
     # the .deb's Depends and Recommends (see packaging/debian/control)
     "python3", "python3-seccomp", "python3-pystemd", "libseccomp2", "libsystemd0",
     "adduser", "iproute2", "nftables", "nodejs", "python3-pip",
+    "python3-jinja2", "python3-requests", "python3-httpx",
+    # the proxied check runs its own squid (the packaged service is masked below)
+    "squid",
     # the checks: HTTP client, ps/pkill, runuser (util-linux is already essential)
     "curl", "procps",
 )  # fmt: skip
@@ -131,5 +134,7 @@ def _configure(root: Path) -> None:
     # No login prompt on the serial console: nobody logs in, and its hangup
     # would only garble the boot log the harness keeps.
     (units / "serial-getty@ttyS0.service").symlink_to("/dev/null")
+    # The proxied check starts a squid of its own; the packaged one would only slow boot.
+    (units / "squid.service").symlink_to("/dev/null")
     for deb in (root / "var/cache/apt/archives").glob("*.deb"):
         deb.unlink()

@@ -1,0 +1,116 @@
+"""Debian's packaged Python modules in a jail: offline defaults without pip.
+
+A profile names Debian packages (a table below). At start-up and on reload the
+daemon asks dpkg which of them are installed, follows their python3-*
+dependencies, and binds read-only into the jail only what those packages own
+directly under /usr/lib/python3/dist-packages (module directories, single-file
+modules, their .egg-info/.dist-info), at the same path, plus the shared
+libraries their extension modules link. The rest of dist-packages (the
+daemon's own pystemd, seccomp, ...) does not exist in the jail.
+
+The synced environment (`sandboxd deps sync`) comes first on sys.path, so a
+newer version installed there shadows Debian's.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from collections.abc import Iterable
+
+from sandboxd.jail import RootEntry, rootfs
+
+DIST_PACKAGES = "/usr/lib/python3/dist-packages"
+
+# Profile -> the Debian packages its jail sees (with their python3-* dependencies).
+PROFILES: dict[str, tuple[str, ...]] = {
+    # What Dify's templates and users' code nodes import: jinja2 (the jinja2
+    # language), requests and httpx (HTTP calls through the proxy).
+    "python3": ("python3-jinja2", "python3-requests", "python3-httpx"),
+}
+
+_DEPENDENCY = re.compile(r"^\s*([a-z0-9][a-z0-9.+-]*)")
+
+
+def _dpkg_query(*args: str) -> str:
+    """dpkg-query's output; packages it does not know are left out (it says so on stderr)."""
+    return subprocess.run(
+        ["dpkg-query", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={"LC_ALL": "C", "PATH": "/usr/bin:/bin"},
+    ).stdout
+
+
+_DEPENDS_FORMAT = "${Package}\t${db:Status-Abbrev}\t${Depends}\n"
+
+
+def _installed_depends(packages: Iterable[str]) -> dict[str, str]:
+    """package -> its Depends field, for each of `packages` that is installed."""
+    names = sorted(set(packages))
+    found = {}
+    for line in _dpkg_query("-W", "-f", _DEPENDS_FORMAT, *names).splitlines() if names else []:
+        package, status, depends = [*line.split("\t"), "", ""][:3]
+        if status.startswith("ii"):
+            found[package] = depends
+    return found
+
+
+def _python_dependencies(depends: str) -> set[str]:
+    """The python3-* packages a Depends field names (every alternative of a choice)."""
+    names = set()
+    for clause in depends.split(","):
+        for alternative in clause.split("|"):
+            match = _DEPENDENCY.match(alternative)
+            if match and match[1].startswith("python3-"):
+                names.add(match[1])
+    return names
+
+
+def installed_closure(packages: Iterable[str]) -> list[str]:
+    """The installed ones of `packages` and of their python3-* dependencies, recursively."""
+    seen: set[str] = set()
+    wanted = set(packages)
+    while wanted:
+        found = _installed_depends(wanted)
+        seen |= found.keys()
+        # A dependency that is not installed is simply not found on the next round.
+        wanted = set().union(*map(_python_dependencies, found.values())) - seen
+    return sorted(seen)
+
+
+def owned_top_level(packages: Iterable[str]) -> list[str]:
+    """Host paths directly under DIST_PACKAGES that the packages' file lists name."""
+    names = sorted(set(packages))
+    if not names:
+        return []
+    out = _dpkg_query("-L", *names)
+    prefix = DIST_PACKAGES + "/"
+    tops = {
+        line[len(prefix) :].split("/", 1)[0] for line in out.splitlines() if line.startswith(prefix)
+    }
+    # __pycache__ at the top holds other packages' bytecode too: single-file
+    # modules compile in memory instead. .pth files are never read by the jail.
+    tops -= {"__pycache__"}
+    paths = (os.path.join(DIST_PACKAGES, top) for top in sorted(tops) if not top.endswith(".pth"))
+    return [path for path in paths if os.path.lexists(path) and not os.path.islink(path)]
+
+
+def root_entries(profile: str) -> list[RootEntry]:
+    """What a profile's jail root needs for its Debian packages: their top-level paths
+    and the host libraries their extension modules link."""
+    paths = owned_top_level(installed_closure(PROFILES.get(profile, ())))
+    entries = [RootEntry(path, "dir" if os.path.isdir(path) else "file") for path in paths]
+    modules = [path for path in paths if path.endswith(".so")]
+    for path in paths:
+        for parent, _, files in os.walk(path):  # nothing for a file
+            modules.extend(os.path.join(parent, name) for name in files if ".so" in name)
+    libraries = {
+        # The directory resolved, the name kept: the loader looks libraries up by it.
+        os.path.join(os.path.realpath(os.path.dirname(lib)), os.path.basename(lib))
+        for lib in rootfs.shared_libraries(modules)
+    }
+    outside = sorted(lib for lib in libraries if not lib.startswith(DIST_PACKAGES + "/"))
+    return entries + [RootEntry(lib, "file") for lib in outside]
