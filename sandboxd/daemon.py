@@ -212,10 +212,11 @@ async def serve(
                         notifier.ready()
                 log.info("stopping: no new connections; waiting for %d runs", dispatcher.admitted)
                 notifier.stopping()
+                # Unhealthy first (GET /health answers 503), then drain.
+                dispatcher.stopping = True
                 accepting.cancel()
                 for item in [*listeners.ndjson, *listeners.http]:
                     await item.aclose()
-                dispatcher.stopping = True
                 with trio.move_on_after(config.server.stop_timeout):
                     await dispatcher.wait_idle()
                 # Requests that clients sent meanwhile are read and answered "stopping"

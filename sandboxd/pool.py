@@ -224,6 +224,11 @@ class Pool:
     def refill_soon(self) -> None:
         self._wanted.set()
 
+    @property
+    def serving(self) -> bool:
+        """Whether a run can get a worker here: one is ready, or starting them works."""
+        return self.ready > 0 or self.failures < FAILING_AFTER
+
 
 class Generation:
     """One zygote and its pools. A reload or a dependency switch starts a new generation
@@ -351,6 +356,14 @@ class Dispatcher:
             old, self.generation = self.generation, fresh
             self.unavailable = unavailable
             self._nursery.start_soon(old.retire)
+
+    def why_unavailable(self) -> str | None:
+        """Why a run cannot be taken now, or None (what GET /health reports)."""
+        if self.stopping:
+            return "the daemon is stopping"
+        if not any(pool.serving for pool in self.pools.values()):
+            return "no pool can start workers"
+        return None
 
     def report_ready(self, language: Language) -> None:
         """The ready-workers gauge of a language: its pools with and without network."""
