@@ -320,6 +320,7 @@ class Dispatcher:
         self.unavailable = unavailable or {}
         self.uids = UidPool(config.jail.uid_min, config.jail.uid_max)
         self.slots = trio.CapacityLimiter(config.limits.max_workers)
+        self._report_slots()
         self.admitted = 0
         self.runs_served = 0
         # Set at stop: new requests are refused (retryable) while in-flight ones finish.
@@ -351,6 +352,7 @@ class Dispatcher:
         async with self._replacing:
             self.config = config
             self.slots.total_tokens = config.limits.max_workers
+            self._report_slots()
             fresh = Generation(self, spec)
             await self._nursery.start(fresh.run)
             old, self.generation = self.generation, fresh
@@ -364,6 +366,9 @@ class Dispatcher:
         if not any(pool.serving for pool in self.pools.values()):
             return "no pool can start workers"
         return None
+
+    def _report_slots(self) -> None:
+        self.metrics.set_slots(int(self.slots.borrowed_tokens), int(self.slots.total_tokens))
 
     def report_ready(self, language: Language) -> None:
         """The ready-workers gauge of a language: its pools with and without network."""
@@ -460,8 +465,10 @@ class Dispatcher:
 
     def _admit(self) -> None:
         if self.stopping:
+            self.metrics.refused("stopping")
             raise ProtocolError("overloaded", "the daemon is stopping; retry in a moment")
         if self.admitted >= self.config.limits.max_requests:
+            self.metrics.refused("queue_full")
             raise ProtocolError("overloaded", "too many requests: the queue is full, retry later")
         self.admitted += 1
         self.metrics.set_queue_depth(max(0, self.admitted - self.config.limits.max_workers))
@@ -502,11 +509,13 @@ class Dispatcher:
             with trio.move_on_at(deadline):
                 await self.slots.acquire()
                 holding = True
+                self._report_slots()
                 while worker is None:
                     try:
                         worker = await pool.take()
                     except PoolRetired:
                         pool = self.pools[(job.language, job.network)]  # the current one
+            self.metrics.observe_queue_wait(job.language, trio.current_time() - started)
             if worker is None:
                 return queued_too_long(request_id, (trio.current_time() - started) * 1000)
             try:
@@ -535,6 +544,7 @@ class Dispatcher:
         finally:
             if holding:
                 self.slots.release()
+                self._report_slots()
         if outcome.status == "blocked_syscall" and worker.pid is not None:
             number = await self.seccomp_log.syscall_of(worker.pid)
             if number is not None:
