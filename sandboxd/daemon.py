@@ -225,6 +225,8 @@ async def serve(
                 connections.cancel_scope.cancel()
             root.cancel_scope.cancel()
     await dispatcher.stop()
+    # The daemon's own record of what it ran (a balancer test adds these up over daemons).
+    log.info("stopped: %d runs answered", dispatcher.runs_served)
     network.teardown_egress(os.getpid(), config.server.runtime_dir)
     if dispatcher.placement is not None:
         dispatcher.placement.close()
