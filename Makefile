@@ -3,10 +3,11 @@ SHELL := /bin/bash
 PY := /usr/bin/python3
 VENV := .venv
 # Debian packages the daemon, its jail and its tests use from the host
-# (haproxy: tests/integration/test_haproxy.py; python3-yaml: the alert rules test).
+# (haproxy: tests/integration/test_haproxy.py; python3-yaml: the alert rules test;
+# groff-base: the man page test).
 APT_PACKAGES := python3-venv python3-pip python3-seccomp python3-pystemd libseccomp2 \
 	bubblewrap nodejs ca-certificates tzdata nftables iproute2 \
-	haproxy python3-yaml
+	haproxy python3-yaml groff-base
 CONFIG ?= etc/sandboxd/sandboxd.toml
 # Where `make run` keeps its state (dependency environments) in a dev checkout.
 DEV_STATE := $(CURDIR)/var/state

@@ -49,7 +49,7 @@ the sandbox or the protocol failed; 128+N when the code was killed by signal N.
 """
 
 
-def _parser() -> argparse.ArgumentParser:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sandboxd",
         description=DESCRIPTION,
@@ -253,7 +253,7 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = parser().parse_args(argv)
     try:
         if args.command == "serve":
             return _serve(args)
