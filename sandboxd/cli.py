@@ -107,7 +107,7 @@ def parser() -> argparse.ArgumentParser:
         description="Serve the Model Context Protocol on stdin/stdout: tools run_python and "
         "run_javascript, each forwarded as one run to the daemon's Unix socket, so the "
         "socket's permissions decide who may run code. An agent host starts it as its "
-        "user. Needs the mcp Python SDK (pip install 'mcp>=2,<3'); the .deb does not carry it.",
+        "user. Needs the mcp Python SDK (mcp>=2,<3), which the .deb does not carry.",
     )
     _daemon_socket_option(mcp)
     return parser

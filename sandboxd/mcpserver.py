@@ -150,9 +150,10 @@ def build_server(socket_path: str) -> Any:
 
 
 MISSING_SDK = (
-    "sandboxd mcp needs the MCP Python SDK, which the sandboxd package does not carry: "
-    "install it into the Python that runs sandboxd (pip install 'mcp>=2,<3', or "
-    "pip install 'sandboxd[mcp]' from a checkout)"
+    "sandboxd mcp needs the MCP Python SDK (mcp>=2,<3), which this environment lacks "
+    "(the .deb's private one does not carry it): install sandboxd with it into a "
+    "virtualenv of your own (pip install '/path/to/sandboxd-checkout[mcp]') and run "
+    "that environment's `sandboxd mcp`"
 )
 
 
