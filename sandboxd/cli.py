@@ -1,4 +1,4 @@
-"""The `sandboxd` command: serve, run, check."""
+"""The `sandboxd` command: serve, run, check, deps, mcp."""
 
 from __future__ import annotations
 
@@ -33,6 +33,8 @@ commands:
           the code printed; exits with the code's exit status
   check   print the configuration in force and what this host supports
   deps    sync or list the packages sandboxed code can import (deps --help)
+  mcp     a Model Context Protocol server on stdio for LLM agents, forwarding
+          to the daemon's socket (needs the mcp Python SDK)
 
 files:
   /etc/sandboxd/sandboxd.toml   configuration; every key is documented there
@@ -47,7 +49,7 @@ the sandbox or the protocol failed; 128+N when the code was killed by signal N.
 """
 
 
-def _parser() -> argparse.ArgumentParser:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sandboxd",
         description=DESCRIPTION,
@@ -80,12 +82,7 @@ def _parser() -> argparse.ArgumentParser:
         "to this command's own. Exit status: the code's; 124 on timeout; 125 on a sandbox "
         "or protocol error; 128+N if the code was killed by signal N.",
     )
-    run.add_argument(
-        "--socket",
-        metavar="PATH",
-        default=Config().server.socket,
-        help="the daemon's socket (default: %(default)s)",
-    )
+    _daemon_socket_option(run)
     run.add_argument("--language", choices=("python3", "nodejs"), default="python3")
     run.add_argument("--timeout", type=float, metavar="S", help="seconds (capped by the daemon)")
     run.add_argument("--memory", type=int, metavar="MIB", help="memory limit in MiB (capped)")
@@ -104,7 +101,26 @@ def _parser() -> argparse.ArgumentParser:
     )
     _config_option(check)
     deps_cli.add_parsers(commands)
+
+    mcp = commands.add_parser(
+        "mcp",
+        help="serve MCP on stdio for LLM agents",
+        description="Serve the Model Context Protocol on stdin/stdout: tools run_python and "
+        "run_javascript, each forwarded as one run to the daemon's Unix socket, so the "
+        "socket's permissions decide who may run code. An agent host starts it as its "
+        "user. Needs the mcp Python SDK (mcp>=2,<3), which the .deb does not carry.",
+    )
+    _daemon_socket_option(mcp)
     return parser
+
+
+def _daemon_socket_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--socket",
+        metavar="PATH",
+        default=Config().server.socket,
+        help="the daemon's socket (default: %(default)s)",
+    )
 
 
 def _config_option(parser: argparse.ArgumentParser) -> None:
@@ -254,12 +270,16 @@ def _print_seccomp(config: Config) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = parser().parse_args(argv)
     try:
         if args.command == "serve":
             return _serve(args)
         if args.command == "run":
             return _run(args)
+        if args.command == "mcp":
+            from sandboxd import mcpserver
+
+            return mcpserver.main(args.socket)
         if args.command == "deps":
             return deps_cli.run(args, load_config(args.config))
         return _check(args)

@@ -252,10 +252,11 @@ async def serve(
                         notifier.ready()
                 log.info("stopping: no new connections; waiting for %d runs", dispatcher.admitted)
                 notifier.stopping()
+                # Unhealthy first (GET /health answers 503), then drain.
+                dispatcher.stopping = True
                 accepting.cancel()
                 for item in [*listeners.ndjson, *listeners.http]:
                     await item.aclose()
-                dispatcher.stopping = True
                 with trio.move_on_after(config.server.stop_timeout):
                     await dispatcher.wait_idle()
                 # Requests that clients sent meanwhile are read and answered "stopping"
@@ -264,6 +265,8 @@ async def serve(
                 connections.cancel_scope.cancel()
             root.cancel_scope.cancel()
     await dispatcher.stop()
+    # The daemon's own record of what it ran (a balancer test adds these up over daemons).
+    log.info("stopped: %d runs answered", dispatcher.runs_served)
     network.teardown_egress(os.getpid(), config.server.runtime_dir)
     if dispatcher.placement is not None:
         dispatcher.placement.close()

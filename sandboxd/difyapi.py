@@ -48,6 +48,8 @@ from sandboxd.protocol import (
 
 JSON = b"application/json"
 PROMETHEUS_TEXT = b"text/plain; version=0.0.4; charset=utf-8"
+# Seconds an unhealthy /health asks a client to wait (a pool restarts within seconds).
+HEALTH_RETRY_AFTER = b"1"
 
 
 @dataclass(frozen=True)
@@ -272,7 +274,12 @@ def dify_result(result: RunResult) -> Response:
 
 
 async def _health(request: Request, ctx: Context) -> Response:
-    return Response(200, b'"ok"')
+    """200 "ok" while a run can be taken; else 503 in Dify's envelope, for a balancer."""
+    reason = ctx.service.why_unavailable()
+    if reason is None:
+        return Response(200, b'"ok"')
+    unhealthy = envelope(503, -503, f"unavailable: {reason}")
+    return Response(503, unhealthy.body, extra_headers=((b"retry-after", HEALTH_RETRY_AFTER),))
 
 
 async def _dify_run(request: Request, ctx: Context) -> Response:

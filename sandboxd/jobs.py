@@ -48,6 +48,10 @@ class Service(Protocol):
         """Rebuild that language's environment from its requirements; ProtocolError on failure."""
         ...
 
+    def why_unavailable(self) -> str | None:
+        """Why a run cannot be taken now (stopping, no pool serving), or None when it can."""
+        ...
+
 
 def capped_timeout(requested: float | None, config: Config) -> float:
     if requested is None:

@@ -4,18 +4,32 @@ Pure: callers tell it what happened, ``render()`` gives bytes; no I/O, no
 prometheus_client. Series (all names prefixed ``sandboxd_``):
 
   runs_total{language,status}              counter: runs answered, by RunResult status
-                                           or the ProtocolError code that refused them
   run_duration_seconds{language}           histogram: request latency of a run
+  queue_wait_seconds{language}             histogram: admission to a worker in hand
   queue_depth                              gauge: runs waiting for a worker
   ready_workers{language}                  gauge: warm workers ready for a job
+  busy_slots                               gauge: runs holding one of the max_workers slots
+  slots                                    gauge: max_workers, the slots there are
+  overload_refusals_total{reason}          counter: requests refused at admission, by
+                                           REFUSAL_REASONS
   worker_spawn_failures_total{language}    counter: workers that failed to start
+
+What to scale on: queue_depth above 0 for long, busy_slots near slots, a rising
+overload_refusals_total, the queue_wait_seconds quantiles; ready_workers at 0 for
+a language means it cannot serve (etc/prometheus/sandboxd-alerts.yml).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import Literal
 
 from sandboxd.protocol import LANGUAGES
+
+RefusalReason = Literal["queue_full", "stopping"]
+# Why admission refuses a request with `overloaded`: the queue bound
+# ([limits] max_requests) is reached, or the daemon is stopping.
+REFUSAL_REASONS: tuple[RefusalReason, ...] = ("queue_full", "stopping")
 
 # Upper bounds of the latency buckets in seconds: warm runs take milliseconds,
 # timeouts reach the request cap (60 s by default).
@@ -59,14 +73,27 @@ class Metrics:
     def __init__(self) -> None:
         self._runs: dict[tuple[str, str], int] = defaultdict(int)
         self._latency: dict[str, _Histogram] = {}
+        self._queue_wait: dict[str, _Histogram] = {}
         self._queue_depth = 0
         self._ready: dict[str, int] = {}
+        self._busy_slots = 0
+        self._slots = 0
+        self._refusals: dict[str, int] = dict.fromkeys(REFUSAL_REASONS, 0)
         # Present at zero from the start, so rate() and alerts work before a failure.
         self._spawn_failures: dict[str, int] = dict.fromkeys(LANGUAGES, 0)
 
     def observe_run(self, language: str, status: str, seconds: float) -> None:
         self._runs[(language, status)] += 1
         self._latency.setdefault(language, _Histogram()).observe(seconds)
+
+    def observe_queue_wait(self, language: str, seconds: float) -> None:
+        self._queue_wait.setdefault(language, _Histogram()).observe(seconds)
+
+    def refused(self, reason: RefusalReason) -> None:
+        self._refusals[reason] += 1
+
+    def set_slots(self, busy: int, total: int) -> None:
+        self._busy_slots, self._slots = busy, total
 
     def spawn_failed(self, language: str) -> None:
         self._spawn_failures[language] = self._spawn_failures.get(language, 0) + 1
@@ -91,17 +118,23 @@ class Metrics:
         for (language, status), count in sorted(self._runs.items()):
             sample("runs_total", (("language", language), ("status", status)), count)
 
-        family("run_duration_seconds", "histogram", "Latency of a run, queue wait included.")
-        for language, histogram in sorted(self._latency.items()):
-            cumulative = 0
-            for bound, count in zip(BUCKETS, histogram.counts, strict=True):
-                cumulative += count
-                le = (("language", language), ("le", _number(bound)))
-                sample("run_duration_seconds_bucket", le, cumulative)
-            inf = (("language", language), ("le", "+Inf"))
-            sample("run_duration_seconds_bucket", inf, histogram.total)
-            sample("run_duration_seconds_sum", (("language", language),), histogram.sum)
-            sample("run_duration_seconds_count", (("language", language),), histogram.total)
+        def histograms(name: str, help_text: str, by_language: dict[str, _Histogram]) -> None:
+            family(name, "histogram", help_text)
+            for language, histogram in sorted(by_language.items()):
+                cumulative = 0
+                for bound, count in zip(BUCKETS, histogram.counts, strict=True):
+                    cumulative += count
+                    le = (("language", language), ("le", _number(bound)))
+                    sample(f"{name}_bucket", le, cumulative)
+                inf = (("language", language), ("le", "+Inf"))
+                sample(f"{name}_bucket", inf, histogram.total)
+                sample(f"{name}_sum", (("language", language),), histogram.sum)
+                sample(f"{name}_count", (("language", language),), histogram.total)
+
+        histograms("run_duration_seconds", "Latency of a run, queue wait included.", self._latency)
+        histograms(
+            "queue_wait_seconds", "From admission until a worker is in hand.", self._queue_wait
+        )
 
         family("queue_depth", "gauge", "Runs waiting for a worker.")
         sample("queue_depth", (), self._queue_depth)
@@ -109,6 +142,16 @@ class Metrics:
         family("ready_workers", "gauge", "Warm workers ready for a job, per pool.")
         for language, ready in sorted(self._ready.items()):
             sample("ready_workers", (("language", language),), ready)
+
+        family("busy_slots", "gauge", "Runs holding one of the max_workers slots.")
+        sample("busy_slots", (), self._busy_slots)
+
+        family("slots", "gauge", "Slots there are ([limits] max_workers).")
+        sample("slots", (), self._slots)
+
+        family("overload_refusals_total", "counter", "Requests refused at admission, by reason.")
+        for reason, count in self._refusals.items():
+            sample("overload_refusals_total", (("reason", reason),), count)
 
         family("worker_spawn_failures_total", "counter", "Workers that failed to start.")
         for language, failures in sorted(self._spawn_failures.items()):

@@ -258,6 +258,11 @@ class Pool:
     def refill_soon(self) -> None:
         self._wanted.set()
 
+    @property
+    def serving(self) -> bool:
+        """Whether a run can get a worker here: one is ready, or starting them works."""
+        return self.ready > 0 or self.failures < FAILING_AFTER
+
 
 class Generation:
     """One zygote and its pools. A reload or a dependency switch starts a new generation
@@ -390,6 +395,7 @@ class Dispatcher:
         self.unavailable = unavailable or {}
         self.uids = UidPool(config.jail.uid_min, config.jail.uid_max)
         self.slots = trio.CapacityLimiter(config.limits.max_workers)
+        self._report_slots()
         self.admitted = 0
         self.runs_served = 0
         # Set at stop: new requests are refused (retryable) while in-flight ones finish.
@@ -473,6 +479,7 @@ class Dispatcher:
                 self.config = running
                 raise
             self.slots.total_tokens = config.limits.max_workers
+            self._report_slots()
             self.unavailable = unavailable
             self.start_soon(self._serve_from(fresh).retire)
 
@@ -511,6 +518,17 @@ class Dispatcher:
         while self.generation.dead:
             await self._switched.wait()
         return self.pools[key]
+
+    def why_unavailable(self) -> str | None:
+        """Why a run cannot be taken now, or None (what GET /health reports)."""
+        if self.stopping:
+            return "the daemon is stopping"
+        if not any(pool.serving for pool in self.pools.values()):
+            return "no pool can start workers"
+        return None
+
+    def _report_slots(self) -> None:
+        self.metrics.set_slots(int(self.slots.borrowed_tokens), int(self.slots.total_tokens))
 
     def report_ready(self, language: Language) -> None:
         """The ready-workers gauge of a language: its pools with and without network."""
@@ -621,8 +639,10 @@ class Dispatcher:
 
     def _admit(self) -> None:
         if self.stopping:
+            self.metrics.refused("stopping")
             raise ProtocolError("overloaded", "the daemon is stopping; retry in a moment")
         if self.admitted >= self.config.limits.max_requests:
+            self.metrics.refused("queue_full")
             raise ProtocolError("overloaded", "too many requests: the queue is full, retry later")
         self.admitted += 1
         self.metrics.set_queue_depth(max(0, self.admitted - self.config.limits.max_workers))
@@ -664,6 +684,7 @@ class Dispatcher:
             with trio.move_on_at(deadline):
                 await self.slots.acquire()
                 holding = True
+                self._report_slots()
                 while worker is None:
                     try:
                         worker = await pool.take()
@@ -671,6 +692,7 @@ class Dispatcher:
                         healing = self.generation.dead
                         pool = await self._serving_pool((job.language, job.network))
                         healing = False
+            self.metrics.observe_queue_wait(job.language, trio.current_time() - started)
             if worker is None and healing:
                 raise ProtocolError(
                     "overloaded",
@@ -704,6 +726,7 @@ class Dispatcher:
         finally:
             if holding:
                 self.slots.release()
+                self._report_slots()
         if outcome.status == "blocked_syscall" and worker.pid is not None:
             call = await self.seccomp_log.syscall_of(worker.pid)
             if call is not None:

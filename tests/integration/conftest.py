@@ -119,31 +119,10 @@ def start_daemon(
         f"[jail]\nuid_min = {uid_min}\nuid_max = {uid_max}\n"
         f'[http]\nlisten = "127.0.0.1:{port}"\napi_key = "{API_KEY}"\n' + config_text
     )
-    log_path = base / "daemon.log"
-    socket_path = str(base / "sandboxd.sock")
-    runtime_dir = str(base / "run")
+    socket_path, runtime_dir = str(base / "sandboxd.sock"), str(base / "run")
     state_dir = state_dir or str(base / "state")
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "sandboxd",
-                "serve",
-                "--config",
-                str(config_path),
-                "--socket",
-                socket_path,
-                "--runtime-dir",
-                runtime_dir,
-                "--state-dir",
-                state_dir,
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={"PATH": "/usr/bin:/bin", **(env or {})},
-        )
+    log_path = base / "daemon.log"
+    process = _launch(str(config_path), socket_path, runtime_dir, state_dir, log_path, env)
     daemon = Daemon(
         socket_path,
         f"http://127.0.0.1:{port}",
@@ -158,6 +137,50 @@ def start_daemon(
     )
     _wait_until_serving(daemon)
     return daemon
+
+
+def restart_daemon(daemon: Daemon, env: dict[str, str] | None = None) -> None:
+    """Start a stopped daemon again: same config, socket, dirs and port; same log file."""
+    daemon.process = _launch(
+        daemon.config_path,
+        daemon.socket_path,
+        daemon.runtime_dir,
+        daemon.state_dir,
+        daemon.log_path,
+        env,
+    )
+    _wait_until_serving(daemon)
+
+
+def _launch(
+    config_path: str,
+    socket_path: str,
+    runtime_dir: str,
+    state_dir: str,
+    log_path: Path,
+    env: dict[str, str] | None,
+) -> subprocess.Popen[bytes]:
+    with log_path.open("ab") as log:
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "sandboxd",
+                "serve",
+                "--config",
+                config_path,
+                "--socket",
+                socket_path,
+                "--runtime-dir",
+                runtime_dir,
+                "--state-dir",
+                state_dir,
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={"PATH": "/usr/bin:/bin", **(env or {})},
+        )
 
 
 def stop_daemon(daemon: Daemon) -> None:

@@ -348,13 +348,17 @@ def test_a_100_mb_body_is_413_and_the_daemon_is_fine(daemon: Daemon, client: htt
     daemon.assert_healthy()
 
 
-def _queue_depth(daemon: Daemon) -> int:
+def _gauge(daemon: Daemon, series: str) -> float:
     text = httpx.get(
         f"{daemon.http_url}/metrics", headers={"X-Api-Key": daemon.api_key}, timeout=HANG_GUARD
     ).text
-    match = re.search(r"^sandboxd_queue_depth (\d+)$", text, re.MULTILINE)
+    match = re.search(rf"^{re.escape(series)} ([0-9.e+-]+)$", text, re.MULTILINE)
     assert match is not None, text
-    return int(match.group(1))
+    return float(match.group(1))
+
+
+def _queue_depth(daemon: Daemon) -> int:
+    return int(_gauge(daemon, "sandboxd_queue_depth"))
 
 
 def test_past_max_requests_is_503_too_many_requests(small: Daemon) -> None:
@@ -377,6 +381,8 @@ def test_past_max_requests_is_503_too_many_requests(small: Daemon) -> None:
     assert response.headers["retry-after"] == "1"
     with pytest.raises(NodeFailed, match="unavailable"):
         dify_outcome(response)
+    assert _gauge(small, "sandboxd_busy_slots") == _gauge(small, "sandboxd_slots") == 1
+    assert _gauge(small, 'sandboxd_overload_refusals_total{reason="queue_full"}') == 1
     for runner in runners:
         runner.join()
     # The run that took too long and the request that never got a worker say so apart.

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import signal
 import socket
 import threading
+import time
 from pathlib import Path
 
 from tests.integration.conftest import start_daemon
@@ -33,3 +35,41 @@ def test_stop_finishes_in_flight_runs_and_answers_late_requests(tmp_path: Path) 
     assert answer["id"] == "late"
     # Either it ran before the stop began, or it was refused with a retryable error.
     assert answer.get("stdout") == "2\n" or answer["error"]["code"] == "overloaded", answer
+
+
+def test_a_stopping_daemon_turns_unhealthy_before_its_in_flight_runs_finish(
+    tmp_path: Path,
+) -> None:
+    daemon = start_daemon(tmp_path)
+    port = int(daemon.http_url.rsplit(":", 1)[1])
+    balancer = http.client.HTTPConnection("127.0.0.1", port, timeout=30)  # one kept-alive
+    balancer.request("GET", "/health")
+    first = balancer.getresponse()
+    assert (first.status, first.read()) == (200, b'"ok"')
+    slow: dict[str, object] = {}
+    thread = threading.Thread(
+        target=lambda: slow.update(daemon.run("import time; time.sleep(3); print('done')"))
+    )
+    thread.start()
+    assert daemon.run("print(1)")["stdout"] == "1\n"  # the slow run is admitted by now
+    daemon.process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while True:
+        balancer.request("GET", "/health")
+        answer = balancer.getresponse()
+        body = answer.read()
+        if answer.status != 200 or time.monotonic() > deadline:
+            break
+    in_flight_when_unhealthy = not slow
+    balancer.close()
+    thread.join()
+    assert daemon.process.wait(timeout=30) == 0
+    assert answer.status == 503, (answer.status, body)
+    assert answer.getheader("Retry-After") == "1"
+    assert json.loads(body) == {
+        "code": -503,
+        "message": "unavailable: the daemon is stopping",
+        "data": None,
+    }
+    assert in_flight_when_unhealthy, "the daemon turned unhealthy only after its runs finished"
+    assert slow["status"] == "ok" and slow["stdout"] == "done\n", slow

@@ -102,6 +102,19 @@ config_is_a_conffile() {
         { echo 'packaged config does not set cgroups = "systemd"'; return 1; }
 }
 
+man_pages_and_examples_are_installed() {
+    local file
+    for file in /usr/share/man/man8/sandboxd.8.gz /usr/share/man/man5/sandboxd.toml.5.gz \
+        /usr/share/doc/sandboxd/examples/haproxy/sandboxd.cfg \
+        /usr/share/doc/sandboxd/examples/prometheus/sandboxd-alerts.yml; do
+        [ -s "$file" ] || { echo "$file is missing"; return 1; }
+    done
+    zcat /usr/share/man/man8/sandboxd.8.gz | grep -q '^\.SS sandboxd mcp$' ||
+        { echo "sandboxd(8) lacks the mcp command"; return 1; }
+    zcat /usr/share/man/man5/sandboxd.toml.5.gz | grep -q 'max_workers' ||
+        { echo "sandboxd.toml(5) lacks limits.max_workers"; return 1; }
+}
+
 security_exposure() {
     # Informational: systemd's own rating of the hardening (lower is better).
     systemd-analyze security --no-pager sandboxd.service | tail -1
@@ -639,6 +652,7 @@ check base service_waits_for_first_request
 check base native_socket_is_root_and_group_only
 check base http_listens_on_loopback_only
 check base config_is_a_conffile
+check base man_pages_and_examples_are_installed
 check base security_exposure
 check daemon first_request_starts_the_service
 check daemon daemon_can_read_kernel_log

@@ -35,6 +35,9 @@ class EchoService:
     async def sync_dependencies(self, language: Language) -> None:
         return None
 
+    def why_unavailable(self) -> str | None:
+        return None
+
 
 Serve = Callable[[trio.abc.Stream], Awaitable[None]]
 

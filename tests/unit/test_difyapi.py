@@ -59,6 +59,8 @@ class FakeService:
         self.sync_error = sync_error
         self.jobs: list[tuple[Job, RequestId]] = []
         self.synced: list[Language] = []
+        # What unavailable() reports (None: the daemon can take a run).
+        self.down: str | None = None
 
     async def run(self, job: Job, request_id: RequestId) -> RunResult:
         self.jobs.append((job, request_id))
@@ -73,6 +75,9 @@ class FakeService:
         self.synced.append(language)
         if self.sync_error is not None:
             raise self.sync_error
+
+    def why_unavailable(self) -> str | None:
+        return self.down
 
 
 def config(**sections: Any) -> Config:
@@ -114,6 +119,19 @@ RUN = {"language": "python3", "code": "print('hello')", "preload": "", "enable_n
 async def test_health_is_the_json_string_ok_without_a_key() -> None:
     response = await call("GET", "/health", headers=[])
     assert (response.status, response.body) == (200, b'"ok"')
+
+
+async def test_health_is_503_in_difys_envelope_with_retry_after_when_no_run_can_be_taken() -> None:
+    service = FakeService()
+    service.down = "the daemon is stopping"
+    response = await call("GET", "/health", headers=[], service=service)
+    assert response.status == 503
+    assert json.loads(response.body) == {
+        "code": -503,
+        "message": "unavailable: the daemon is stopping",
+        "data": None,
+    }
+    assert (b"retry-after", b"1") in response.extra_headers
 
 
 # --- auth ------------------------------------------------------------------------------

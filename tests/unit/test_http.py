@@ -43,6 +43,9 @@ class EchoService:
     async def sync_dependencies(self, language: Language) -> None:
         return None
 
+    def why_unavailable(self) -> str | None:
+        return None
+
 
 class BrokenService(EchoService):
     async def run(self, job: Job, request_id: RequestId) -> RunResult:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
+import yaml
 
-from sandboxd.metrics import BUCKETS, Metrics
+from sandboxd.metrics import BUCKETS, REFUSAL_REASONS, Metrics
 
 # One sample line of the text format: name, optional {labels}, a number.
 SAMPLE = re.compile(
@@ -103,3 +105,51 @@ def test_label_values_are_escaped() -> None:
     metrics.observe_run('py"3\\\n', "ok", 0.1)
     assert 'language="py\\"3\\\\\\n"' in metrics.render().decode()
     samples(metrics)  # and every line still parses
+
+
+def test_queue_wait_is_a_histogram_per_language() -> None:
+    metrics = Metrics()
+    metrics.observe_queue_wait("nodejs", 0.0001)
+    metrics.observe_queue_wait("nodejs", 0.3)
+    values = samples(metrics)
+    assert values['sandboxd_queue_wait_seconds_bucket{language="nodejs",le="0.001"}'] == 1
+    assert values['sandboxd_queue_wait_seconds_bucket{language="nodejs",le="0.5"}'] == 2
+    assert values['sandboxd_queue_wait_seconds_count{language="nodejs"}'] == 2
+    assert values['sandboxd_queue_wait_seconds_sum{language="nodejs"}'] == pytest.approx(0.3001)
+    assert "# TYPE sandboxd_queue_wait_seconds histogram" in metrics.render().decode()
+
+
+def test_slots_and_refusals_by_reason() -> None:
+    metrics = Metrics()
+    fresh = samples(metrics)
+    series = 'sandboxd_overload_refusals_total{{reason="{}"}}'
+    refusals = {reason: fresh[series.format(reason)] for reason in REFUSAL_REASONS}
+    assert refusals == {"queue_full": 0, "stopping": 0}
+    metrics.set_slots(3, 4)
+    metrics.refused("queue_full")
+    metrics.refused("queue_full")
+    metrics.refused("stopping")
+    values = samples(metrics)
+    assert values["sandboxd_busy_slots"] == 3
+    assert values["sandboxd_slots"] == 4
+    assert values['sandboxd_overload_refusals_total{reason="queue_full"}'] == 2
+    assert values['sandboxd_overload_refusals_total{reason="stopping"}'] == 1
+
+
+ALERTS = Path(__file__).parents[2] / "etc" / "prometheus" / "sandboxd-alerts.yml"
+
+
+def test_the_shipped_alert_fires_on_a_series_the_daemon_serves() -> None:
+    rules = yaml.safe_load(ALERTS.read_text())
+    (group,) = rules["groups"]
+    (rule,) = group["rules"]
+    assert rule["alert"] == "SandboxdNoReadyWorkers"
+    assert rule["labels"]["severity"] == "critical"
+    assert set(rule["annotations"]) == {"summary", "description"}
+    metrics = Metrics()
+    metrics.set_ready_workers("python3", 0)
+    lines = metrics.render().decode().splitlines()
+    served = {re.split(r"[{ ]", line, maxsplit=1)[0] for line in lines if not line.startswith("#")}
+    named = set(re.findall(r"\bsandboxd_\w+", rule["expr"] + rule["annotations"]["description"]))
+    assert named and named <= served, named - served
+    assert "sandboxd_ready_workers" in rule["expr"]
