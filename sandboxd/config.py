@@ -118,6 +118,9 @@ class PythonConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     pool_size: NonNegInt = 0
     # Run a request's preload (inside the jail, right before the code) (ENABLE_PRELOAD).
     enable_preload: bool = False
+    # Modules (comma-separated) the zygote imports from the jail's environment before
+    # forking workers, each only when installed; matplotlib runs with the Agg backend.
+    warm_modules: str = "numpy,pandas,matplotlib.pyplot"
 
 
 class NodeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -66,6 +66,10 @@ class JobHeader(msgspec.Struct, frozen=True):
     preload: str
     timeout: float
     memory_mb: int
+    # The request's files (written into the working directory before the code runs).
+    files: dict[str, bytes] = {}
+    # Starts the trailer of images and files on stdout (artifacts.py); "" for none.
+    boundary: str = ""
 
 
 # The first message on the zygote's control socket.

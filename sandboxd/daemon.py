@@ -83,6 +83,9 @@ def build_spec(config: Config, cgroups_in_force: bool) -> tuple[JailSpec, dict[s
         node_path=os.path.realpath(node),
         node_bootstrap=NODE_BOOTSTRAP,
         egress_netns=egress,
+        python_warm_modules=[
+            m.strip() for m in config.python3.warm_modules.split(",") if m.strip()
+        ],
     )
     return spec, unavailable
 

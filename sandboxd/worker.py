@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from sandboxd import control
+from sandboxd import artifacts, control
 from sandboxd.control import Exited, JobHeader, Ready
 from sandboxd.jail.cgroup import RunCgroup, Usage
 from sandboxd.jobs import Job
@@ -53,6 +53,8 @@ class Outcome:
     cpu_ms: float
     peak_memory_bytes: int | None
     message: str | None = None
+    images: list[artifacts.Artifact] = field(default_factory=list)
+    files: list[artifacts.Artifact] = field(default_factory=list)
 
 
 class Worker:
@@ -132,8 +134,14 @@ class Worker:
         self, job: Job, deadline: float, output_cap: int, rlimit_memory_mb: int
     ) -> Outcome:
         """Run the job; rlimit_memory_mb 0 keeps the worker's backstop (cgroups enforce)."""
+        boundary = artifacts.new_boundary() if job.language == "python3" else ""
         header = JobHeader(
-            code=job.code, preload=job.preload, timeout=job.timeout, memory_mb=rlimit_memory_mb
+            code=job.code,
+            preload=job.preload,
+            timeout=job.timeout,
+            memory_mb=rlimit_memory_mb,
+            files=job.files,
+            boundary=boundary,
         )
         payload = control.frame_job(header) + job.stdin.encode()
         output = Output(output_cap)
@@ -152,7 +160,12 @@ class Worker:
                     self.exited = await self._wait_exit()
         wall_ms = (trio.current_time() - started) * 1000
         usage = self.cgroup.usage() if self.cgroup else None
-        return outcome(self.exited, output, timed_out, wall_ms, job, usage)
+        split = artifacts.split(bytes(output.stdout), boundary)
+        output.stdout = bytearray(split.stdout)
+        result = outcome(self.exited, output, timed_out, wall_ms, job, usage)
+        result.images, result.files = split.images, split.files
+        result.truncated = result.truncated or split.truncated
+        return result
 
     async def _wait_exit(self) -> Exited:
         message = await self._receive()

@@ -29,6 +29,7 @@ from sandboxd.jail import (
     rootfs,
     seccomp,
 )
+from sandboxd.runtimes import datascience
 
 # Readiness pipe of the worker while it prepares; closed before user code runs.
 READY_FD = 3
@@ -103,6 +104,9 @@ class Zygote:
             rootfs.build(root_of(self.spec, language), entries, files)
         for name in WARM_MODULES:
             __import__(name)
+        scratch = os.path.join(self.spec.runtime_dir, "warm-overlay")
+        for problem in datascience.prepare_zygote(self.spec, scratch):
+            print(f"sandboxd zygote: warm modules: {problem}", file=sys.stderr)
         # Keepers are reaped by the kernel; each keeper resets this for its own child.
         signal.signal(signal.SIGCHLD, signal.SIG_IGN)
         # Move every object the zygote made out of the collector's reach, so a worker's

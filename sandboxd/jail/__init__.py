@@ -67,3 +67,5 @@ class JailSpec(msgspec.Struct, frozen=True):
     node_bootstrap: str
     # Network namespace (a /run/netns path) of runs with egress, None unless mode "allow".
     egress_netns: str | None = None
+    # Modules of the jail's environment the zygote imports before forking ([python3]).
+    python_warm_modules: list[str] = []

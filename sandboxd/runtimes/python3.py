@@ -20,6 +20,7 @@ from typing import NoReturn
 from sandboxd import control
 from sandboxd.control import JobHeader
 from sandboxd.jail import JailSpec, rlimits
+from sandboxd.runtimes import datascience
 
 # The whole environment a run sees; nothing of the host's is passed in.
 ENVIRONMENT = {
@@ -42,6 +43,7 @@ def prepare(spec: JailSpec) -> None:
     sys.argv[:] = ["-c"]
     os.environ.clear()
     os.environ.update(ENVIRONMENT)
+    os.environ.update(datascience.ENVIRONMENT)
 
 
 def _register_source(filename: str, source: str) -> None:
@@ -128,4 +130,8 @@ def start(spec: JailSpec, ready_fd: int) -> NoReturn:
         os._exit(0)  # retired without a job
     rlimits.lower_for_job(job.memory_mb, job.timeout)
     _set_stdio()
+    datascience.write_inputs(job.files)
+    if job.boundary:
+        atexit.register(datascience.after_code, job.boundary)
+        datascience.before_code()
     _shutdown(_run(job))
