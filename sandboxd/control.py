@@ -24,6 +24,8 @@ class SpawnOrder(msgspec.Struct, frozen=True, tag=True):
     cgroup_procs: list[str] = []
     # Join the egress network namespace instead of the shared empty one.
     network: bool = False
+    # Fork it from the data-science template (profiles.SCIENCE) instead of the zygote.
+    profile: str = ""
 
 
 class Spawned(msgspec.Struct, frozen=True, tag=True):

@@ -29,7 +29,7 @@ from sandboxd.jail import (
     rootfs,
     seccomp,
 )
-from sandboxd.runtimes import datascience
+from sandboxd.runtimes import template
 
 # Readiness pipe of the worker while it prepares; closed before user code runs.
 READY_FD = 3
@@ -88,6 +88,8 @@ class Zygote:
         self.spec = spec
         self.programs = {language: seccomp.compile_policy(language) for language in spec.roots}
         self.egress_fd: int | None = None
+        # The data-science template's socket (None: there is none, or this is it).
+        self.template: socket.socket | None = None
 
     def prepare(self) -> None:
         # Opened before the zygote leaves the host's network namespace.
@@ -104,14 +106,12 @@ class Zygote:
             rootfs.build(root_of(self.spec, language), entries, files)
         for name in WARM_MODULES:
             __import__(name)
-        scratch = os.path.join(self.spec.runtime_dir, "warm-overlay")
-        for problem in datascience.prepare_zygote(self.spec, scratch):
-            print(f"sandboxd zygote: warm modules: {problem}", file=sys.stderr)
         # Keepers are reaped by the kernel; each keeper resets this for its own child.
         signal.signal(signal.SIGCHLD, signal.SIG_IGN)
         # Move every object the zygote made out of the collector's reach, so a worker's
         # garbage collections do not touch (and copy-on-write) the whole warm heap.
         gc.freeze()
+        self.template = template.start(self)
 
     def serve(self) -> NoReturn:
         while True:
@@ -123,7 +123,11 @@ class Zygote:
                 os._exit(0)  # the daemon is gone or done with this generation
             order = control.order_decoder.decode(packet)
             if isinstance(order, SpawnOrder):
-                self.spawn(order)
+                if order.profile and self.template is not None:
+                    if not template.relay(self.template, packet, self.sock, order.worker_id):
+                        self.template = None  # gone: later orders are served plain
+                else:
+                    self.spawn(order)
 
     def spawn(self, order: SpawnOrder) -> None:
         job_r, job_w = os.pipe()

@@ -1,12 +1,5 @@
-"""Data-science support of the python3 runtime: warm modules, files in, figures and files out.
-
-Warm modules ([python3] warm_modules) are imported by the zygote, as root, from the
-jail's own dependency environment (never the daemon's venv), before any worker is
-forked: the admin chose these packages, so their import-time code is trusted like
-the zygote itself. No caller-supplied code runs before isolation (invariant 2).
-BLAS and OpenMP pools are pinned to one thread so the zygote stays single-threaded
-and every fork is safe; each run is a fresh fork, so rcParams, pandas options and
-numpy's error state a run changes die with it.
+"""Data-science support in the python3 worker: its environment, files in, figures
+and files out (the warm template itself is template.py).
 
 Outputs travel in the run's stdout, which the daemon reads and caps: after the
 code, the worker appends a trailer starting with a per-job random boundary the
@@ -20,15 +13,12 @@ from __future__ import annotations
 import base64
 import io
 import os
-import shutil
 import stat
 import sys
-import tempfile
 
 import msgspec
 
 from sandboxd.artifacts import MAX_ARTIFACTS, Artifact, Trailer
-from sandboxd.jail import JailSpec, libc
 
 # The environment both the zygote (while importing) and every worker get: one BLAS or
 # OpenMP thread (a forked child keeps only the forking thread, so pools must not
@@ -42,110 +32,12 @@ ENVIRONMENT = {
     "MPLCONFIGDIR": "/tmp/.matplotlib",
 }
 
-# Run in the zygote right after a warm module is imported, so that what the library
-# does lazily on first use (matplotlib's first draw and font loading, pandas'
-# groupby and CSV machinery) is done once instead of in every run. Ours, trusted like
-# the modules. matplotlib's font cache is emptied afterwards: its fonts hold open
-# files, and a worker keeps no fd of the zygote's.
-WARM_UP = {
-    "numpy": "import numpy\n(numpy.arange(4.0) @ numpy.ones(4)).item()\n",
-    "pandas": (
-        "import io, pandas\n"
-        "frame = pandas.read_csv(io.StringIO('a,b\\n1,2\\n1,3\\n'))\n"
-        "frame.groupby('a')['b'].sum().to_json()\n"
-        "repr(frame)\n"
-    ),
-    "matplotlib.pyplot": (
-        "import io, matplotlib.pyplot, matplotlib.font_manager\n"
-        "matplotlib.pyplot.plot([1, 2], [2, 1])\n"
-        "matplotlib.pyplot.title('warm')\n"
-        "matplotlib.pyplot.savefig(io.BytesIO(), format='png')\n"
-        "matplotlib.pyplot.close('all')\n"
-        "matplotlib.font_manager._get_font.cache_clear()\n"
-    ),
-}
-
 # Where a run writes files it wants back; its working directory is /tmp.
 OUTPUT_DIR = "/tmp/out"
 WORK_DIR = "/tmp"
 
 
 _trailer_encoder = msgspec.json.Encoder()
-
-
-def prepare_zygote(spec: JailSpec, scratch: str) -> list[str]:
-    """Expose the jail's environment, then import the warm modules; problems as lines."""
-    site = spec.python_site_packages
-    targets = [e.target for e in spec.roots.get("python3", []) if e.path == site and e.target]
-    if site is None or not targets or not spec.python_warm_modules:
-        return []
-    try:
-        expose(site, targets[0], scratch)
-    except OSError as exc:
-        return [f"environment not exposed in the zygote, nothing warmed: {exc}"]
-    return warm(spec.python_path, spec.python_warm_modules)
-
-
-def expose(source: str, target: str, scratch: str) -> None:
-    """In the zygote's own mount namespace, show host directory `source` at `target`,
-    the path where the jail sees it, so warm modules carry the jail's paths (__file__,
-    matplotlib's data and font paths). A missing target is made in an overlay on its
-    nearest existing ancestor, upper layer on a tmpfs at `scratch`: the host's
-    filesystem is not written."""
-    if not os.path.isdir(target):
-        anchor = os.path.dirname(target)
-        while not os.path.isdir(anchor):
-            anchor = os.path.dirname(anchor)
-        if anchor == "/":
-            raise OSError(f"no directory to lay an overlay on for {target}")
-        os.makedirs(scratch, mode=0o700, exist_ok=True)
-        libc.mount("tmpfs", scratch, "tmpfs", libc.MS_NOSUID | libc.MS_NODEV, "mode=0700")
-        for layer in ("upper", "work"):
-            os.mkdir(os.path.join(scratch, layer))
-        options = f"lowerdir={anchor},upperdir={scratch}/upper,workdir={scratch}/work"
-        libc.mount("overlay", anchor, "overlay", 0, options)
-        os.makedirs(target)
-    libc.mount(source, target, None, libc.MS_BIND | libc.MS_REC)
-
-
-def warm(python_path: list[str], modules: list[str]) -> list[str]:
-    """Import `modules` in the zygote with the jail's sys.path only (expose() put the
-    environment at its jail path); returns one line per module that failed to import
-    (modules that are not installed are skipped silently)."""
-    if not modules:
-        return []
-    saved_path = sys.path[:]
-    saved_env = dict(os.environ)
-    cache = tempfile.mkdtemp(prefix="sandboxd-warm-")
-    os.environ.update(ENVIRONMENT)
-    os.environ["MPLCONFIGDIR"] = cache
-    sys.path[:] = python_path
-    sys.path_importer_cache.clear()
-    problems: list[str] = []
-    fds = set(os.listdir("/proc/self/fd"))
-    try:
-        for name in modules:
-            try:
-                __import__(name)
-                exec(WARM_UP.get(name, ""), {})
-            except ModuleNotFoundError as exc:
-                if exc.name is None or name.split(".")[0] != exc.name.split(".")[0]:
-                    problems.append(f"{name}: {exc}")
-            except Exception as exc:
-                problems.append(f"{name}: {exc!r}")
-    finally:
-        sys.path[:] = saved_path
-        sys.path_importer_cache.clear()
-        os.environ.clear()
-        os.environ.update(saved_env)
-        shutil.rmtree(cache, ignore_errors=True)
-    threads = len(os.listdir("/proc/self/task"))
-    if threads != 1:
-        problems.append(f"the warm modules left {threads} threads in the zygote")
-    left_open = set(os.listdir("/proc/self/fd")) - fds
-    if left_open:
-        problems.append(f"the warm modules left fds {sorted(left_open)} open in the zygote")
-    return problems
 
 
 def write_inputs(files: dict[str, bytes]) -> None:

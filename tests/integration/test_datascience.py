@@ -60,6 +60,13 @@ def test_warm_modules_are_imported_from_the_jail_environment(science: Daemon) ->
     assert backend.strip().lower() == "agg"
 
 
+def test_a_run_that_imports_no_warm_module_gets_a_plain_worker(science: Daemon) -> None:
+    code = "import sys\nprint([m for m in ('numpy', 'pandas', 'matplotlib') if m in sys.modules])"
+    assert ok(science.run(code))["stdout"] == "[]\n"
+    late = "import sys\nplain = 'numpy' in sys.modules\n__import__('numpy')\nprint(plain)"
+    assert ok(science.run(late))["stdout"] == "False\n"
+
+
 def test_threaded_blas_matmul(science: Daemon) -> None:
     code = (
         "import threading, numpy as np\n"
