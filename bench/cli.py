@@ -199,7 +199,11 @@ class DaemonBench:
         """The zygote's RSS (what the warm modules cost once) and each workload's charge."""
         if self.args.echo or self.pid is None:
             return
-        self.progress.say(f"zygote RSS: {science.mib(science.zygote_rss_kib(self.pid), 1024)}")
+        plain, warm = science.template_rss_kib(self.pid)
+        self.progress.say(
+            f"RSS: zygote {science.mib(plain, 1024)}, "
+            f"data-science template {science.mib(warm, 1024)}"
+        )
         for workload in (w for w in self.workloads if w.key not in missing):
             charged = await science.charged_bytes(daemon.socket, workload)
             self.progress.say(f"{workload.title}: charged {science.mib(charged, 1)} per run")

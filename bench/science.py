@@ -25,8 +25,9 @@ def baseline_env(site: str, cache_dir: str) -> dict[str, str]:
     return {**BASELINE_ENV, **ENVIRONMENT, "PYTHONPATH": site, "MPLCONFIGDIR": cache_dir}
 
 
-def zygote_rss_kib(daemon_pid: int) -> int | None:
-    """VmRSS of the daemon's zygote (its child running sandboxd.zygote)."""
+def zygote_child(parent_pid: int) -> int | None:
+    """The child of parent_pid running sandboxd.zygote: the daemon's zygote, or the
+    zygote's data-science template (a fork of it, so the same command line)."""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -35,9 +36,18 @@ def zygote_rss_kib(daemon_pid: int) -> int | None:
             command = (entry / "cmdline").read_bytes()
         except (OSError, IndexError):
             continue
-        if parent == str(daemon_pid) and b"sandboxd.zygote" in command:
-            return rss_kib(int(entry.name))
+        if parent == str(parent_pid) and b"sandboxd.zygote" in command:
+            return int(entry.name)
     return None
+
+
+def template_rss_kib(daemon_pid: int) -> tuple[int | None, int | None]:
+    """VmRSS of the plain zygote and of the data-science template (None: not found)."""
+    zygote = zygote_child(daemon_pid)
+    if zygote is None:
+        return None, None
+    template = zygote_child(zygote)
+    return rss_kib(zygote), rss_kib(template) if template is not None else None
 
 
 async def charged_bytes(socket: str, workload: Workload) -> int | None:
