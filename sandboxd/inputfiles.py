@@ -17,7 +17,8 @@ MAX_NAME_BYTES = 255
 MAX_TOTAL_BYTES = 8 * 1024 * 1024
 
 
-def _name_problem(name: str) -> str | None:
+def name_problem(name: str) -> str | None:
+    """Why `name` is not one plain file name, or None when it is."""
     if not name:
         return "is empty"
     if "\x00" in name:
@@ -38,7 +39,7 @@ def decode(files: dict[str, str]) -> dict[str, bytes]:
     decoded: dict[str, bytes] = {}
     total = 0
     for name, text in files.items():
-        problem = _name_problem(name)
+        problem = name_problem(name)
         if problem is not None:
             raise ProtocolError("bad_request", f"files: the name {name[:80]!r} {problem}")
         try:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import base64
 import json
 import struct
+import subprocess
+import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -231,3 +233,27 @@ def test_fifty_concurrent_data_science_runs_all_ok(science: Daemon) -> None:
     assert {a["stdout"] for a in answers} == {"{'a': 3, 'b': 5, 'c': 2}\n"}
     assert all(len(a["images"]) == 1 for a in answers)
     science.assert_healthy()
+
+
+def test_cli_sends_files_and_writes_returned_figures_and_files(
+    science: Daemon, tmp_path: Path
+) -> None:
+    data = tmp_path / "numbers.csv"
+    data.write_text("v\n2\n3\n")
+    out = tmp_path / "out"
+    code = (
+        "import pandas as pd, matplotlib.pyplot as plt\n"
+        "total = int(pd.read_csv('numbers.csv')['v'].sum())\n"
+        "open('/tmp/out/total.txt', 'w').write(str(total))\n"
+        "plt.figure(figsize=(3, 2), dpi=100); plt.plot([total])\n"
+        "print(total)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "sandboxd", "run", "--socket", science.socket_path,
+         "--file", str(data), "--out", str(out), "-c", code],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "5\n"
+    assert (out / "total.txt").read_text() == "5"
+    assert png_size((out / "figure-1.png").read_bytes()) == (300, 200)
