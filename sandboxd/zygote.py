@@ -145,6 +145,8 @@ class Zygote:
             return
         if pid == 0:
             self.sock.close()
+            if self.template is not None:
+                self.template.close()
             ours.close()
             for fd in (job_w, out_r, err_r):
                 os.close(fd)

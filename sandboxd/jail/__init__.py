@@ -9,7 +9,9 @@ Processes (all forked, none exec'd except node):
       (rootfs.py) and one shared empty network namespace (namespaces.py);
       seccomp programs compiled once (seccomp.py). It never holds a client
       or listening socket: it is spawned with only its control socket.
-  zygote ──fork──▶ keeper (root, trusted, never runs user code)
+  zygote ──fork──▶ data-science template (root, runtimes/template.py): the same,
+      with [python3] warm_modules imported; forks the data-science pools' keepers
+  zygote or template ──fork──▶ keeper (root, trusted, never runs user code)
       joins the egress network namespace if the worker is for runs with
       network (network.py); unshare(mount, pid, ipc, uts); forks the worker,
       moves it into its cgroup (cgroup.py, scope.py), waits for it and
