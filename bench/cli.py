@@ -24,6 +24,7 @@ from bench import daemon as daemons
 from bench import science
 from bench.load import Budget, run_cell
 from bench.report import Report, ratios, render, targets, to_json
+from bench.soak import SoakPlan, soak
 from bench.stats import Cell, summarize, unavailable
 from bench.systems import (
     BASELINE_ENV,
@@ -105,6 +106,26 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=5, help="unmeasured runs per workload")
     parser.add_argument("--run-timeout", type=float, default=30.0, help="client-side, seconds")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument(
+        "--soak",
+        type=float,
+        metavar="SECONDS",
+        help="instead of the table: soak a private daemon at 2x capacity with hostile "
+        "clients and kill -9 of workers and zygotes (bench/soak.py); exit 1 unless "
+        "0 wrong, 0 silent, 0 lost",
+    )
+    parser.add_argument(
+        "--soak-kill-every", type=float, default=2.0, help="seconds between worker kills"
+    )
+    parser.add_argument(
+        "--soak-zygote-every", type=float, default=30.0, help="seconds between zygote kills"
+    )
+    parser.add_argument(
+        "--soak-sample-every", type=float, default=30.0, help="seconds between RSS samples"
+    )
+    parser.add_argument(
+        "--soak-uid-min", type=int, default=4_500_000, help="first of the daemon's 2000 uids"
+    )
     args = parser.parse_args(argv)
     if not args.start_daemon and not args.socket:
         parser.error("--no-start-daemon needs --socket")
@@ -329,9 +350,29 @@ def _daemon_command(
     return daemons.daemon_command(config, socket, args.state_dir)
 
 
+def _soak(args: argparse.Namespace) -> int:
+    plan = SoakPlan(
+        seconds=args.soak,
+        kill_every=args.soak_kill_every,
+        zygote_every=args.soak_zygote_every,
+        sample_every=args.soak_sample_every,
+        uid_min=args.soak_uid_min,
+        state_dir=args.state_dir,
+    )
+    try:
+        run = trio.run(soak, plan)
+    except daemons.DaemonFailed as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 2
+    print(run.report(plan.seconds))
+    return 0 if run.passed() else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    if args.soak is not None:
+        return _soak(args)
     try:
         report = trio.run(bench, args, argv)
     except daemons.DaemonFailed as exc:

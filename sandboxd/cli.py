@@ -21,7 +21,7 @@ EXIT_SANDBOX_ERROR = 125
 
 DESCRIPTION = """\
 sandboxd runs untrusted Python 3 and Node.js code for multi-tenant services, in
-warm, pre-forked workers that are each chrooted, namespaced, unprivileged and
+warm, pre-forked workers that each pivot into a read-only root, namespaced, unprivileged and
 under seccomp, and speaks the dify-sandbox HTTP API so Dify can use it as is.
 """
 
@@ -61,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
         "serve",
         help="run the daemon in the foreground (root)",
         description="Run the daemon in the foreground. Needs root: it builds namespaces, "
-        "chroots and cgroups for its workers. Stops gracefully on SIGTERM or SIGINT.",
+        "jail roots and cgroups for its workers. Stops gracefully on SIGTERM or SIGINT.",
     )
     _config_option(serve)
     serve.add_argument("--socket", metavar="PATH", help="native NDJSON socket ([server] socket)")
@@ -149,7 +149,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     if os.geteuid() != 0:
         print(
-            "sandboxd serve: must run as root (it builds namespaces, chroots and cgroups)",
+            "sandboxd serve: must run as root (it builds namespaces, jail roots and cgroups)",
             file=sys.stderr,
         )
         return 1

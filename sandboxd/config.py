@@ -18,6 +18,8 @@ from typing import Annotated, Any, Literal, NamedTuple, get_args, get_origin
 
 import msgspec
 
+from sandboxd.budget import REQUEST_COPIES, request_cost
+
 NetworkMode = Literal["deny", "reject", "allow"]
 CgroupMode = Literal["systemd", "auto", "off"]
 
@@ -139,6 +141,19 @@ class DepsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     index_url: str = ""
 
 
+class ClientsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    # Connections served at once per listening socket; past it a new one gets overloaded
+    # (HTTP 503) and is closed.
+    max_connections: PosInt = 256
+    # Bytes all connections together may hold: unfinished lines and bodies, requests in
+    # flight (3 copies each), unsent answers; a request past it gets overloaded (HTTP 503).
+    max_buffered_bytes: PosInt = 64 * 1024 * 1024
+    # Bytes of answers not yet sent on one NDJSON connection; past it the connection closes.
+    max_unsent_bytes: PosInt = 8 * 1024 * 1024
+    # Seconds one NDJSON answer may take to be sent; a client that does not read is closed.
+    send_timeout: Seconds = 10.0
+
+
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     http: HttpConfig = msgspec.field(default_factory=HttpConfig)
@@ -148,6 +163,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     python3: PythonConfig = msgspec.field(default_factory=PythonConfig)
     nodejs: NodeConfig = msgspec.field(default_factory=NodeConfig)
     deps: DepsConfig = msgspec.field(default_factory=DepsConfig)
+    clients: ClientsConfig = msgspec.field(default_factory=ClientsConfig)
 
 
 # --- Loading -----------------------------------------------------------------------------------
@@ -390,6 +406,10 @@ def _check(config: Config, sources: _Sources) -> None:
     for key, other in _AT_LEAST:
         if _value(config, key) < _value(config, other):
             raise fail(key, f">= {other}", other)
+    # The largest request the caps allow must fit in the total buffer, each of its copies.
+    for other in ("server.max_line_bytes", "http.max_body_bytes"):
+        if config.clients.max_buffered_bytes < request_cost(_value(config, other)):
+            raise fail("clients.max_buffered_bytes", f">= {REQUEST_COPIES} x {other}", other)
     # Every worker that can be alive at once runs as its own uid.
     alive = (
         effective_pool_size(config.python3.pool_size)

@@ -22,7 +22,7 @@ class SpawnOrder(msgspec.Struct, frozen=True, tag=True):
     uid: int
     # cgroup.procs files the worker is written into before it prepares its jail.
     cgroup_procs: list[str] = []
-    # Join the egress network namespace instead of the shared empty one.
+    # Join the egress network namespace instead of a network namespace of its own.
     network: bool = False
     # Fork it from the data-science template (profiles.SCIENCE) instead of the zygote.
     profile: str = ""

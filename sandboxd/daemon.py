@@ -14,7 +14,7 @@ import shutil
 import signal
 import socket
 import sysconfig
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
@@ -22,11 +22,12 @@ import msgspec
 import trio
 
 from sandboxd import deps, http, server, systemd
+from sandboxd.budget import ByteBudget
 from sandboxd.config import Config, ConfigError, parse_listen
-from sandboxd.jail import JailSpec, network, rootfs, scope
+from sandboxd.jail import JailSpec, cgroup, network, rootfs, scope
 from sandboxd.jail.scope import Placement
 from sandboxd.metrics import Metrics
-from sandboxd.pool import Dispatcher, Pool
+from sandboxd.pool import Dispatcher, GenerationFailed, Pool
 from sandboxd.runtimes.nodejs import NODE_MODULES
 
 log = logging.getLogger("sandboxd")
@@ -132,26 +133,30 @@ def open_listeners(config: Config, passed: dict[str, list[int]]) -> Listeners:
     return Listeners(ndjson, web)
 
 
-async def _accept(
-    listener: trio.SocketListener,
-    handler: Callable[[trio.abc.Stream], Awaitable[None]],
-    connections: trio.Nursery,
-) -> None:
-    while True:
-        try:
-            stream = await listener.accept()
-        except OSError as error:  # EMFILE and friends: wait for fds to free up
-            log.error("accept failed: %s", error)
-            await trio.sleep(0.1)
-            continue
-        connections.start_soon(handler, stream)
-
-
 def _clean_runtime_dir(path: str) -> None:
     os.makedirs(path, mode=0o755, exist_ok=True)
     for name in os.listdir(path):
         if name.startswith("root-"):
             shutil.rmtree(os.path.join(path, name), ignore_errors=True)
+
+
+def remove_leftovers(runtime_dir: str) -> list[str]:
+    """Remove what daemons killed with SIGKILL left on the host (each object names its
+    daemon's pid; live neighbours' objects stay): v1 cgroups, generation scopes, egress
+    namespace files, veths and nft tables. The root templates need nothing: they are
+    mounted only in the zygote's own mount namespace, which dies with its processes."""
+    removed = [
+        *cgroup.remove_stale_legacy(),
+        *scope.remove_stale_scopes(),
+        *network.remove_stale_namespaces(),
+    ]
+    try:
+        network.cleanup_stale(runtime_dir)
+    except network.EgressError as error:
+        log.error("cannot remove a dead daemon's egress network: %s", error)
+    if removed:
+        log.warning("removed what dead daemons left: %s", ", ".join(removed))
+    return removed
 
 
 # The daemon moves bytes for every run: when a worker's wake-up competes with it for
@@ -174,6 +179,7 @@ async def serve(
         log.warning("cannot raise the daemon's priority (no CAP_SYS_NICE); runs may queue longer")
     passed = systemd.listen_fds()
     notifier = systemd.Notifier.from_environ()
+    remove_leftovers(config.server.runtime_dir)
     cgroups = choose_cgroups(config)
     spec, unavailable = build_spec(config, cgroups is not None)
     _clean_runtime_dir(config.server.runtime_dir)
@@ -187,16 +193,36 @@ async def serve(
             await dispatcher.start(root)
             async with trio.open_nursery() as connections:
                 accepting = trio.CancelScope()
-                ndjson = partial(server.serve_ndjson, service=dispatcher, config=config)
-                web = partial(http.serve_http, service=dispatcher, config=config, metrics=metrics)
+                budget = ByteBudget(config.clients.max_buffered_bytes)
+                ndjson = partial(
+                    server.serve_ndjson, service=dispatcher, config=config, budget=budget
+                )
+                web = partial(
+                    http.serve_http,
+                    service=dispatcher,
+                    config=config,
+                    metrics=metrics,
+                    budget=budget,
+                )
+                cap = config.clients.max_connections
+                kinds = [
+                    (listeners.ndjson, ndjson, server.ndjson_refusal(cap)),
+                    (listeners.http, web, http.overloaded_refusal(cap)),
+                ]
 
                 async def accept_all() -> None:
                     with accepting:
                         async with trio.open_nursery() as loops:
-                            for item in listeners.ndjson:
-                                loops.start_soon(_accept, item, ndjson, connections)
-                            for item in listeners.http:
-                                loops.start_soon(_accept, item, web, connections)
+                            for items, handler, refusal in kinds:
+                                for item in items:
+                                    loops.start_soon(
+                                        server.serve_listener,
+                                        item,
+                                        handler,
+                                        refusal,
+                                        cap,
+                                        connections,
+                                    )
 
                 connections.start_soon(accept_all)
                 root.start_soon(_status_loop, dispatcher, notifier)
@@ -273,13 +299,20 @@ async def reload(
     except StartupError as error:
         log.error("reload refused, keeping the running configuration: %s", error)
         return config
-    await dispatcher.replace(fresh, spec, unavailable)
+    try:
+        await dispatcher.replace(fresh, spec, unavailable)
+    except GenerationFailed as error:
+        log.error("reload failed, keeping the running configuration: %s", error)
+        return config
     log.info("reloaded: %s", describe_pools(dispatcher))
     return fresh
 
 
 def _named_pools(dispatcher: Dispatcher) -> list[tuple[str, Pool]]:
-    return [(p.language + ("+net" if p.network else ""), p) for p in dispatcher.pools.values()]
+    return [
+        (p.language + (f"+{p.profile}" if p.profile else "") + ("+net" if p.network else ""), p)
+        for p in dispatcher.pools.values()
+    ]
 
 
 def describe_pools(dispatcher: Dispatcher) -> str:
@@ -293,6 +326,6 @@ async def _status_loop(dispatcher: Dispatcher, notifier: systemd.Notifier) -> No
     while True:
         ready = ", ".join(f"{name} {p.ready}/{p.size}" for name, p in _named_pools(dispatcher))
         notifier.status(f"ready workers: {ready}; runs served: {dispatcher.runs_served}")
-        if all(p.failures < 3 for p in dispatcher.pools.values()):
+        if dispatcher.healthy():
             notifier.watchdog()
         await trio.sleep(period)

@@ -126,11 +126,18 @@ _DIFY_ERRORS: dict[ErrorCode, tuple[int, int, str | None]] = {
 }
 
 
+def retry_hint(seconds: int | None) -> tuple[tuple[bytes, bytes], ...]:
+    """Retry-After for an error that says when to retry (every overloaded one: 503)."""
+    return () if seconds is None else ((b"retry-after", str(seconds).encode()),)
+
+
 def dify_error(error: ProtocolError) -> Response:
     if error.code == "unauthorized":
         return UNAUTHORIZED
     status, code, message = _DIFY_ERRORS[error.code]
-    return envelope(status, code, error.message if message is None else message)
+    text = error.message if message is None else message
+    body = _encoder.encode(Envelope(code, text, None))
+    return Response(status, body, extra_headers=retry_hint(error.retry_after))
 
 
 # HTTP status of each native ErrorReply code (DESIGN.md, "Native protocol").
@@ -145,7 +152,8 @@ _NATIVE_STATUS: dict[ErrorCode, int] = {
 
 
 def native_error(reply: ErrorReply) -> Response:
-    return Response(_NATIVE_STATUS[reply.error.code], _encoder.encode(reply))
+    hint = retry_hint(reply.error.retry_after)
+    return Response(_NATIVE_STATUS[reply.error.code], _encoder.encode(reply), extra_headers=hint)
 
 
 # --- auth ------------------------------------------------------------------------------
@@ -189,12 +197,12 @@ T = TypeVar("T")
 
 def _decode(decoder: msgspec.json.Decoder[T], body: bytes) -> T | Response:
     """Decoded body, or the -400 answer naming what is wrong."""
-    try:
-        return decoder.decode(body)
-    except msgspec.ValidationError as exc:
-        return envelope(400, -400, f"invalid request: {exc}")
-    except msgspec.DecodeError as exc:
-        return envelope(400, -400, f"malformed JSON body: {exc}")
+    decoded = protocol.decode_json(decoder, body)
+    if not isinstance(decoded, protocol.Invalid):
+        return decoded
+    if decoded.kind == "invalid":
+        return envelope(400, -400, f"invalid request: {decoded.message}")
+    return envelope(400, -400, f"malformed JSON body: {decoded.message}")
 
 
 def dify_job(body: bytes, config: Config) -> Job | Response:
@@ -330,8 +338,8 @@ async def _native_run(request: Request, ctx: Context) -> Response:
     decoded = protocol.decode_request(request.body)
     if isinstance(decoded, ErrorReply):
         return native_error(decoded)
-    job = job_from_request(decoded, ctx.config)
     try:
+        job = job_from_request(decoded, ctx.config)  # refuses enable_network in "reject" mode
         result = await ctx.service.run(job, decoded.id)
     except ProtocolError as exc:
         return native_error(exc.reply(decoded.id))
@@ -373,13 +381,17 @@ def too_large(target: str, limit: int) -> Response:
     return _refused(_path(target), "too_large", f"request body is larger than {limit} bytes")
 
 
-async def handle(request: Request, ctx: Context) -> Response:
-    """Route, authorize and answer one complete request."""
+def refusal(request: Request, ctx: Context) -> Response | None:
+    """The answer refusing a request on its head alone (404, 405, 401), None to go on.
+
+    http.py asks this before it reads any body byte, so an unauthenticated client
+    never makes the daemon buffer a body (invariant 17).
+    """
     path = _path(request.target)
     route = ROUTES.get(path)
     if route is None:
         return envelope(404, -404, f"no route {path}")
-    method, handler, auth = route
+    method, _handler, auth = route
     if request.method != method:
         return Response(
             405,
@@ -388,7 +400,20 @@ async def handle(request: Request, ctx: Context) -> Response:
         )
     if auth != "none" and not authorized(request.headers, ctx.config.http.api_key):
         if auth == "native":
-            refusal = ProtocolError("unauthorized", "bad or missing X-Api-Key")
-            return native_error(refusal.reply(None))
+            denied = ProtocolError("unauthorized", "bad or missing X-Api-Key")
+            return native_error(denied.reply(None))
         return UNAUTHORIZED
-    return await handler(request, ctx)
+    return None
+
+
+def overloaded(target: str, message: str) -> Response:
+    """503 with Retry-After, in the envelope of the route asked for."""
+    return _refused(_path(target), "overloaded", message)
+
+
+async def handle(request: Request, ctx: Context) -> Response:
+    """Route, authorize and answer one complete request."""
+    refused = refusal(request, ctx)
+    if refused is not None:
+        return refused
+    return await ROUTES[_path(request.target)][1](request, ctx)

@@ -1,9 +1,15 @@
 """HTTP/1.1 on trio streams; h11 parses and frames, difyapi answers.
 
 One connection is served by one task (``serve_http``), one request at a time:
-pipelined requests wait in h11's buffer and are answered in order. A request
-is read whole (Content-Length or chunked, up to ``max_body_bytes``; past it 413
-and a close) before difyapi sees it.
+pipelined requests wait in h11's buffer and are answered in order.
+
+Memory: a request's head is judged first (``difyapi.refusal``: route, method,
+X-Api-Key), and a refused request gets its answer without one byte of its body
+read; if a body was announced the connection then closes. Only a POST body is
+kept, and only within the daemon-wide ByteBudget ([clients] max_buffered_bytes;
+past it 503 with Retry-After and a close); any other body is read and dropped.
+A body is read whole (Content-Length or chunked, up to ``max_body_bytes``; past
+it 413 and a close) before difyapi sees it.
 
 Timeouts, so a slow or silent client cannot hold a connection forever:
 - ``header_timeout`` bounds a whole request from its first byte to the end of
@@ -28,14 +34,22 @@ import h11
 import trio
 
 from sandboxd import difyapi
+from sandboxd.budget import ByteBudget, Holding, request_cost
 from sandboxd.config import Config, parse_listen
 from sandboxd.difyapi import Context, Response
 from sandboxd.jobs import Service
 from sandboxd.metrics import Metrics
+from sandboxd.server import describe_peer
 
 # parse_listen lives with the config loader, which validates [http] listen; it is
 # re-exported here so the HTTP front end's names are found in one place.
-__all__ = ["ExposureError", "check_http_exposure", "parse_listen", "serve_http"]
+__all__ = [
+    "ExposureError",
+    "check_http_exposure",
+    "overloaded_refusal",
+    "parse_listen",
+    "serve_http",
+]
 
 log = logging.getLogger(__name__)
 
@@ -87,10 +101,46 @@ class _Closed(Exception):
     """The connection is over: the client left, timed out or broke the protocol."""
 
 
+BUFFERS_FULL = "the daemon holds too many request bytes; retry later"
+
+
+def frame(
+    conn: h11.Connection, response: Response, *, close: bool, head_only: bool = False
+) -> bytes:
+    """`response` as bytes on `conn`; a HEAD answer (`head_only`) has no body."""
+    headers = [
+        (b"content-type", response.content_type),
+        (b"content-length", str(len(response.body)).encode()),
+        (b"server", SERVER_HEADER),
+        *response.extra_headers,
+    ]
+    if close:
+        headers.append((b"connection", b"close"))
+    reason = HTTPStatus(response.status).phrase.encode()
+    data = conn.send(h11.Response(status_code=response.status, headers=headers, reason=reason))
+    if not head_only:  # h11 frames a HEAD answer without a body
+        data += conn.send(h11.Data(data=response.body)) or b""
+    data += conn.send(h11.EndOfMessage()) or b""
+    return data or b""
+
+
+def overloaded_refusal(max_connections: int) -> bytes:
+    """What an HTTP client over the connection cap reads before the close: 503."""
+    message = f"more than {max_connections} connections on this socket; retry later"
+    return frame(h11.Connection(h11.SERVER), difyapi.overloaded("/", message), close=True)
+
+
+def _has_body(request: h11.Request) -> bool:
+    length = _content_length(request)
+    chunked = any(name == b"transfer-encoding" for name, _ in request.headers)
+    return chunked or bool(length)
+
+
 class _Connection:
-    def __init__(self, stream: trio.abc.Stream, ctx: Context) -> None:
+    def __init__(self, stream: trio.abc.Stream, ctx: Context, budget: ByteBudget) -> None:
         self.stream = stream
         self.ctx = ctx
+        self.budget = budget
         self.http = ctx.config.http
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
         self.first_request = True
@@ -103,13 +153,18 @@ class _Connection:
         while True:
             request = await self._read_head()
             self.method = request.method
+            refused = difyapi.refusal(_parsed(request, b""), self.ctx)
+            if refused is not None and _has_body(request):
+                await self._send(refused, close=True)  # not one byte of the body is read
+                return
             declared = _content_length(request)
             if declared is not None and declared > self.http.max_body_bytes:
                 await self._too_large(request)
                 return
-            body = await self._read_body(request)
-            response = await self._answer(request, body)
-            await self._send(response)
+            with Holding(self.budget) as held:
+                body = await self._read_body(request, held)
+                response = refused or await self._answer(request, body)
+                await self._send(response)
             if self.conn.our_state is h11.MUST_CLOSE:
                 return
             self.conn.start_next_cycle()
@@ -126,15 +181,25 @@ class _Connection:
         # ConnectionClosed: the client hung up between requests.
         raise _Closed
 
-    async def _read_body(self, request: h11.Request) -> bytes:
+    async def _read_body(self, request: h11.Request, held: Holding) -> bytes:
+        """A POST body, held in the budget; any other body is read and dropped."""
+        keep = request.method == b"POST"
+        if keep and not held.resize(request_cost(_content_length(request) or 0)):
+            await self._overloaded(request)
         body = bytearray()
+        size = 0
         while True:
             event = await self._next_event(started=True)
             if isinstance(event, h11.Data):
-                body += event.data
-                if len(body) > self.http.max_body_bytes:
+                size += len(event.data)
+                if size > self.http.max_body_bytes:
                     await self._too_large(request)
                     raise _Closed
+                if keep:
+                    body += event.data
+                    cost = request_cost(len(body))
+                    if cost > held.held and not held.resize(cost):
+                        await self._overloaded(request)
             elif isinstance(event, h11.EndOfMessage):
                 return bytes(body)
             else:  # ConnectionClosed mid-body
@@ -171,17 +236,18 @@ class _Connection:
             raise _Closed
 
     async def _answer(self, request: h11.Request, body: bytes) -> Response:
-        parsed = difyapi.Request(
-            method=request.method.decode("ascii", "replace"),
-            target=request.target.decode("ascii", "replace"),
-            headers=[(name, value) for name, value in request.headers],
-            body=body,
-        )
+        parsed = _parsed(request, body)
         try:
             return await difyapi.handle(parsed, self.ctx)
         except Exception:  # a bug in a route: answer 500 and keep the daemon serving
             log.exception("unhandled error answering %s %s", parsed.method, parsed.target)
             return difyapi.envelope(500, -500, "internal error")
+
+    async def _overloaded(self, request: h11.Request) -> None:
+        """503 for a body the daemon has no room to hold; the connection closes."""
+        target = request.target.decode("ascii", "replace")
+        await self._send(difyapi.overloaded(target, BUFFERS_FULL), close=True)
+        raise _Closed
 
     async def _too_large(self, request: h11.Request) -> None:
         target = request.target.decode("ascii", "replace")
@@ -193,22 +259,8 @@ class _Connection:
             await self._send(difyapi.envelope(status, -status, message), close=True)
 
     async def _send(self, response: Response, *, close: bool = False) -> None:
-        headers = [
-            (b"content-type", response.content_type),
-            (b"content-length", str(len(response.body)).encode()),
-            (b"server", SERVER_HEADER),
-            *response.extra_headers,
-        ]
-        if close:
-            headers.append((b"connection", b"close"))
-        reason = HTTPStatus(response.status).phrase.encode()
-        data = self.conn.send(
-            h11.Response(status_code=response.status, headers=headers, reason=reason)
-        )
-        if self.method != b"HEAD":  # h11 frames a HEAD answer without a body
-            data += self.conn.send(h11.Data(data=response.body)) or b""
-        data += self.conn.send(h11.EndOfMessage()) or b""
-        await self._send_bytes(data)
+        head_only = self.method == b"HEAD"
+        await self._send_bytes(frame(self.conn, response, close=close, head_only=head_only))
 
     async def _send_bytes(self, data: bytes | None) -> None:
         if not data:
@@ -228,6 +280,15 @@ class _Connection:
                 pass
 
 
+def _parsed(request: h11.Request, body: bytes) -> difyapi.Request:
+    return difyapi.Request(
+        method=request.method.decode("ascii", "replace"),
+        target=request.target.decode("ascii", "replace"),
+        headers=[(name, value) for name, value in request.headers],
+        body=body,
+    )
+
+
 def _content_length(request: h11.Request) -> int | None:
     for name, value in request.headers:
         if name == b"content-length":
@@ -236,10 +297,19 @@ def _content_length(request: h11.Request) -> int | None:
 
 
 async def serve_http(
-    stream: trio.abc.Stream, service: Service, config: Config, metrics: Metrics
+    stream: trio.abc.Stream,
+    service: Service,
+    config: Config,
+    metrics: Metrics,
+    budget: ByteBudget | None = None,
 ) -> None:
-    """Serve one HTTP connection until it closes; never raises for a client's doing."""
-    connection = _Connection(stream, Context(service=service, config=config, metrics=metrics))
+    """Serve one HTTP connection until it closes; never raises for a client's doing.
+
+    `budget` is shared by all connections of a daemon; None gives this one its own.
+    """
+    budget = budget if budget is not None else ByteBudget(config.clients.max_buffered_bytes)
+    ctx = Context(service=service, config=config, metrics=metrics)
+    connection = _Connection(stream, ctx, budget)
     try:
         # _Closed: the reason was answered (408/413/400) or the client left.
         with contextlib.suppress(_Closed):
@@ -248,6 +318,6 @@ async def serve_http(
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         log.debug("HTTP client reset the connection")
     except Exception:  # a bug here must cost one connection, not the daemon's listener
-        log.exception("HTTP connection failed")
+        log.exception("HTTP connection failed (%s)", describe_peer(stream))
     finally:
         await stream.aclose()

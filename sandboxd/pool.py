@@ -12,12 +12,21 @@ when its run is over (at once if the pool ran dry), so preparing it does not
 compete with the run. A reload or a dependency switch starts a new generation
 and retires the old one once its last run is over.
 
+Faults heal (Dispatcher._heal): the zygote's exit is watched (its pidfd), and a
+zygote that dies is replaced by a new generation with the same spec, without a
+reload, backing off while new ones keep failing. Keepers do not die with the
+zygote (they answer to the daemon over their own sockets), so runs already on
+workers finish, and ready workers are retired through their keepers, which frees
+their uids and cgroups. Requests waiting meanwhile move to the new generation,
+or get `overloaded` when none is up before their deadline.
+
 Admission (Dispatcher.run): at most max_requests requests are admitted (running
 plus waiting); beyond that, `overloaded` at once. A request holds one of
 max_workers slots from taking a worker until its run is over. Its deadline
 starts at admission, so time spent waiting counts against its timeout. Each
-worker runs one job and is then retired: its uid and cgroup are released only
-after its keeper has reaped it, when its whole pid namespace is gone.
+worker runs one job and is then retired: its uid is released only once its
+cgroup is empty (its keeper's report where there are no cgroups), when its
+whole pid namespace is gone.
 """
 
 from __future__ import annotations
@@ -27,16 +36,15 @@ import logging
 import os
 import socket
 import subprocess
-import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import trio
 
-from sandboxd import control, deps, profiles
+from sandboxd import control, deps, profiles, zygote
 from sandboxd.config import Config, effective_pool_size
 from sandboxd.control import SpawnFailed, SpawnOrder, ZygoteStart
-from sandboxd.jail import JailSpec, seccomp
-from sandboxd.jail.cgroup import Backend, Limits, RunCgroup
+from sandboxd.jail import JailSpec
+from sandboxd.jail.cgroup import Backend, Limits, RunCgroup, remove_when_empty
 from sandboxd.jail.identity import UidPool
 from sandboxd.jail.scope import Placement
 from sandboxd.jobs import Dependency, Job
@@ -57,6 +65,16 @@ FAILING_AFTER = 3
 READY_TIMEOUT = 30.0
 ZYGOTE_START_TIMEOUT = 60.0
 MIB = 1024 * 1024
+# Pause before healing a dead generation: doubled while new generations keep dying
+# within HEAL_RESET seconds of their start, so a broken zygote does not spin.
+HEAL_BACKOFF_MIN = 0.05
+HEAL_BACKOFF_MAX = 5.0
+HEAL_RESET = 30.0
+# While a dead generation is being replaced the daemon counts as healthy (systemd's
+# watchdog is kept fed) for this long; past it, the watchdog is the last resort.
+HEAL_WATCHDOG_GRACE = 120.0
+# How long a retired worker's processes may take to leave its cgroup (they are killed).
+VANISHED_GRACE = 10.0
 
 
 class Zygote:
@@ -73,7 +91,7 @@ class Zygote:
         env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
         try:
             self._process = await trio.lowlevel.open_process(
-                [sys.executable, "-I", "-m", "sandboxd.zygote", str(theirs.fileno())],
+                zygote.command(theirs.fileno()),
                 pass_fds=(theirs.fileno(),),
                 stdin=subprocess.DEVNULL,
                 env=env,
@@ -115,6 +133,11 @@ class Zygote:
         assert self._process is not None, "start() first"
         return self._process.pid
 
+    async def wait_exit(self) -> int:
+        """Until the zygote process exits (its pidfd); its exit status."""
+        assert self._process is not None, "start() first"
+        return await self._process.wait()
+
     async def stop(self) -> None:
         if self._sock is not None:
             self._sock.close()
@@ -128,6 +151,10 @@ class Zygote:
 
 class PoolRetired(Exception):
     """The pool's generation was replaced while a request waited for one of its workers."""
+
+
+class GenerationFailed(Exception):
+    """A new generation could not start (its zygote failed or died while warming up)."""
 
 
 class Pool:
@@ -216,14 +243,21 @@ class Pool:
             await self.dispatcher.retire(worker)
 
     async def take(self) -> Worker:
+        if self.generation.dead:
+            raise PoolRetired
         if self.failures >= FAILING_AFTER and self.ready == 0:
             raise ProtocolError(
                 "internal", f"{self.language} workers fail to start: {self.last_error}"
             )
-        try:
-            worker = await self._receive.receive()
-        except trio.EndOfChannel:
-            raise PoolRetired from None
+        while True:
+            try:
+                worker = await self._receive.receive()
+            except trio.EndOfChannel:
+                raise PoolRetired from None
+            if not worker.gone():
+                break
+            # Killed while it waited here (e.g. kill -9 of the worker): never hand it out.
+            self.dispatcher.start_soon(self.dispatcher.retire, worker, self)
         # The replacement is ordered once this run is over (refill()), so that preparing
         # it does not compete with the run for CPU; only an empty pool refills at once.
         if self.ready == 0:
@@ -274,24 +308,62 @@ class Generation:
                     )
         self.number = next(dispatcher.generations)
         self.live_workers = 0
+        # Set when the zygote died on its own: the generation serves nothing more.
+        self.dead = False
+        self.started_at = 0.0
         # The run cgroups of this generation (None: rlimits only).
         self.cgroups: Backend | None = None
         self._scope = trio.CancelScope()
         self._all_retired = trio.Event()
+        self._retiring = False
 
-    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Start the zygote and keep the pools full; started() once every pool is warm."""
-        await self.zygote.start()
-        placement = self.dispatcher.placement
-        if placement is not None:
-            self.cgroups = await trio.to_thread.run_sync(
-                placement.attach, self.zygote.pid, self.number
-            )
+    async def run(
+        self, warm: bool = True, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Start the zygote and keep the pools full; started() once every pool is warm
+        (or, with warm=False, as soon as the zygote is up: nothing else serves meanwhile).
+
+        Raises GenerationFailed when the zygote cannot start or dies before started()."""
+        self.started_at = trio.current_time()
+        try:
+            await self.zygote.start()
+            placement = self.dispatcher.placement
+            if placement is not None:
+                self.cgroups = await trio.to_thread.run_sync(
+                    placement.attach, self.zygote.pid, self.number
+                )
+        except (OSError, RuntimeError, trio.TooSlowError) as error:
+            raise GenerationFailed(f"the zygote did not start: {error!r}") from error
+        started = False
         with self._scope:
             async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._watch_zygote)
                 for pool in self.pools.values():
+                    if not warm:
+                        nursery.start_soon(pool.refill)
+                        continue
                     await nursery.start(pool.refill)
-                task_status.started()
+                    if self.dead:
+                        break
+                if not self.dead:
+                    started = True
+                    task_status.started()
+        if not started:
+            raise GenerationFailed("the zygote died while its pools were warming up")
+
+    async def _watch_zygote(self) -> None:
+        """A zygote exits only when retired (this task is cancelled first), so an exit
+        seen here is a fault: stop refilling and let the dispatcher replace us."""
+        status = await self.zygote.wait_exit()
+        log.error(
+            "generation %d: the zygote (pid %d) died (status %d)",
+            self.number,
+            self.zygote.pid,
+            status,
+        )
+        self.dead = True
+        self._scope.cancel()
+        self.dispatcher.generation_died(self)
 
     def worker_started(self) -> None:
         self.live_workers += 1
@@ -304,6 +376,9 @@ class Generation:
     async def retire(self) -> None:
         """Stop refilling, close the ready workers, wait for running ones, stop the zygote."""
         self._scope.cancel()
+        if self._retiring:
+            return
+        self._retiring = True
         with trio.CancelScope(shield=True):
             for pool in self.pools.values():
                 await pool.drain()
@@ -347,6 +422,13 @@ class Dispatcher:
         self.seccomp_log = SeccompLog()
         self._nursery: trio.Nursery | None = None
         self._replacing = trio.Lock()
+        # Set (and renewed) each time a new generation starts serving.
+        self._switched = trio.Event()
+        self._heal_backoff = 0.0
+        # Generations started in place of one whose zygote died.
+        self.heals = 0
+        # When the serving generation's zygote died (None while it is alive).
+        self._dead_since: float | None = None
 
     @property
     def spec(self) -> JailSpec:
@@ -359,19 +441,98 @@ class Dispatcher:
     async def start(self, nursery: trio.Nursery) -> None:
         """Start the first generation; returns once all its workers are ready."""
         self._nursery = nursery
-        await nursery.start(self.generation.run)
+        try:
+            await nursery.start(self.generation.run)
+        except GenerationFailed:
+            if not self.generation.dead:
+                raise  # the zygote cannot start at all: the daemon cannot serve
+            log.error("the first zygote died while it warmed up; starting another")
+            while self.generation.dead:  # _heal, started by generation_died, is on it
+                await self._switched.wait()
+
+    def start_soon(self, task: Callable[..., Awaitable[object]], *args: object) -> None:
+        """Run a task in the dispatcher's nursery (tidying up after a request)."""
+        assert self._nursery is not None, "start() first"
+        self._nursery.start_soon(task, *args)
+
+    async def _start_generation(self, spec: JailSpec, warm: bool = True) -> Generation:
+        """A new generation (warm, or with its zygote up); GenerationFailed (with nothing
+        left running) if not."""
+        assert self._nursery is not None, "start() first"
+        fresh = Generation(self, spec)
+        try:
+            await self._nursery.start(fresh.run, warm)
+        except GenerationFailed:
+            await fresh.retire()
+            raise
+        if fresh.dead:  # died right after warming up (and is being retired)
+            raise GenerationFailed("the zygote died as its generation started")
+        return fresh
+
+    def healthy(self) -> bool:
+        """Whether systemd's watchdog should be fed: every pool of the serving generation
+        starts its workers, or a dead generation is being replaced (for a while)."""
+        if self._dead_since is not None:
+            return trio.current_time() - self._dead_since < HEAL_WATCHDOG_GRACE
+        return all(p.failures < FAILING_AFTER for p in self.pools.values())
+
+    def _serve_from(self, fresh: Generation) -> Generation:
+        old, self.generation = self.generation, fresh
+        self._dead_since = None
+        self._switched.set()
+        self._switched = trio.Event()
+        return old
 
     async def replace(self, config: Config, spec: JailSpec, unavailable: dict[str, str]) -> None:
-        """Serve from a new generation once it is warm; runs in flight finish on the old."""
-        assert self._nursery is not None, "start() first"
+        """Serve from a new generation once it is warm; runs in flight finish on the old.
+        Raises GenerationFailed (the old generation goes on serving) if it cannot start."""
         async with self._replacing:
-            self.config = config
+            running, self.config = self.config, config  # the new pools' sizes and limits
+            try:
+                fresh = await self._start_generation(spec)
+            except GenerationFailed:
+                self.config = running
+                raise
             self.slots.total_tokens = config.limits.max_workers
-            fresh = Generation(self, spec)
-            await self._nursery.start(fresh.run)
-            old, self.generation = self.generation, fresh
             self.unavailable = unavailable
-            self._nursery.start_soon(old.retire)
+            self.start_soon(self._serve_from(fresh).retire)
+
+    def generation_died(self, dead: Generation) -> None:
+        """Called by a generation whose zygote died: retire it, and heal if it served."""
+        self.start_soon(dead.retire)
+        if dead is self.generation and not self.stopping:
+            self._dead_since = trio.current_time()
+            self.start_soon(self._heal, dead)
+
+    async def _heal(self, dead: Generation) -> None:
+        """Replace a dead generation by one with the same spec, backing off on failure."""
+        async with self._replacing:
+            if trio.current_time() - dead.started_at > HEAL_RESET:
+                self._heal_backoff = 0.0
+            while dead is self.generation and not self.stopping:
+                if self._heal_backoff:
+                    log.warning("next generation in %.2f s", self._heal_backoff)
+                    await trio.sleep(self._heal_backoff)
+                self._heal_backoff = min(
+                    HEAL_BACKOFF_MAX, max(HEAL_BACKOFF_MIN, 2 * self._heal_backoff)
+                )
+                try:
+                    # Nothing serves meanwhile: switch once the zygote is up, and let
+                    # waiting requests take its first workers as they get ready.
+                    fresh = await self._start_generation(dead.spec, warm=False)
+                except GenerationFailed as error:
+                    log.error("healing: %s", error)
+                    continue
+                self._serve_from(fresh)
+                self.heals += 1
+                log.info("healed: generation %d serves", fresh.number)
+
+    async def _serving_pool(self, key: PoolKey) -> Pool:
+        """The current generation's pool for `key`, once the generation is alive."""
+        while self.generation.dead:
+            await self._switched.wait()
+        language, network, _ = key
+        return self.pools.get(key) or self.pools[(language, network, profiles.PLAIN)]
 
     def report_ready(self, language: Language) -> None:
         """The ready-workers gauge of a language: its pools with and without network."""
@@ -402,7 +563,10 @@ class Dispatcher:
                 self._spec_builder, config, self.placement is not None
             )
             if spec != self.spec:
-                await self.replace(config, spec, unavailable)
+                try:
+                    await self.replace(config, spec, unavailable)
+                except GenerationFailed as error:
+                    raise ProtocolError("internal", f"new environment: {error}") from error
 
     async def stop(self) -> None:
         """Retire the current generation (ready workers closed, zygote stopped)."""
@@ -436,9 +600,14 @@ class Dispatcher:
             )
             fds = await generation.zygote.spawn(order)
         except BaseException:
-            self.uids.release(uid)
-            if cgroup is not None:
-                cgroup.remove()
+            # A zygote that died mid-order may have forked the keeper already: its worker
+            # is killed when the keeper's socket hangs up; the uid waits for its cgroup.
+            with trio.CancelScope(shield=True):
+                free = cgroup is None or await trio.to_thread.run_sync(
+                    remove_when_empty, cgroup, VANISHED_GRACE
+                )
+            if free:
+                self.uids.release(uid)
             raise
         generation.worker_started()
         return Worker(worker_id, language, uid, fds, cgroup, generation.worker_retired)
@@ -454,16 +623,20 @@ class Dispatcher:
     async def _retire(self, worker: Worker) -> None:
         if worker.exited is None:
             await worker.kill()
-            with trio.move_on_after(10) as scope:
+            with trio.move_on_after(10):
                 await worker.wait_exit()
-            if scope.cancelled_caught or worker.exited is None:
-                log.error("worker %d did not exit; its uid stays reserved", worker.worker_id)
-                await worker.close()
-                return
-        await worker.close()
+        # The uid is free once no process of the run is left: its cgroup shows that
+        # (even when its keeper vanished and reported nothing), else the keeper's report.
         if worker.cgroup is not None:
-            await trio.to_thread.run_sync(worker.cgroup.remove)  # rmdir can take ms
-        self.uids.release(worker.uid)
+            free = await trio.to_thread.run_sync(remove_when_empty, worker.cgroup, VANISHED_GRACE)
+        else:
+            free = worker.exited is not None
+        if free:
+            self.uids.release(worker.uid)
+        else:
+            log.error("worker %d did not exit; its uid stays reserved", worker.worker_id)
+        # Last: closing tells the generation, which removes its cgroups after its last worker.
+        await worker.close()
 
     async def wait_idle(self) -> None:
         """Until no request is admitted."""
@@ -517,6 +690,7 @@ class Dispatcher:
         """Hold one slot from taking a worker until the worker is retired."""
         worker: Worker | None = None
         holding = False
+        healing = False
         try:
             with trio.move_on_at(deadline):
                 await self.slots.acquire()
@@ -525,10 +699,15 @@ class Dispatcher:
                     try:
                         worker = await pool.take()
                     except PoolRetired:
-                        pool = (
-                            self.pools.get(self._pool_key(job))
-                            or self.pools[(job.language, job.network, profiles.PLAIN)]
-                        )  # the current one
+                        healing = self.generation.dead
+                        pool = await self._serving_pool(self._pool_key(job))
+                        healing = False
+            if worker is None and healing:
+                raise ProtocolError(
+                    "overloaded",
+                    f"the {job.language} workers are being restarted after a fault; "
+                    "retry in a few seconds",
+                )
             if worker is None:
                 return queued_too_long(request_id, (trio.current_time() - started) * 1000)
             try:
@@ -552,21 +731,20 @@ class Dispatcher:
                     await self.retire(worker, pool)
                 raise
             # The run is over (its keeper reaped it): answer now, tidy up after.
-            assert self._nursery is not None
-            self._nursery.start_soon(self.retire, worker, pool)
+            self.start_soon(self.retire, worker, pool)
         finally:
             if holding:
                 self.slots.release()
         if outcome.status == "blocked_syscall" and worker.pid is not None:
-            number = await self.seccomp_log.syscall_of(worker.pid)
-            if number is not None:
-                name = seccomp.syscall_name(number) or f"number {number}"
-                outcome.message = f"blocked system call {name}"
+            call = await self.seccomp_log.syscall_of(worker.pid)
+            if call is not None:
+                outcome.message = f"blocked system call {call.describe()}"
         return RunResult(id=request_id, **outcome.__dict__)
 
 
 def queued_too_long(request_id: RequestId, waited_ms: float) -> RunResult:
-    """A request whose whole timeout passed while it waited for a worker."""
+    """A request whose whole timeout passed while it waited for a worker: a timeout
+    whose message says no run was started, unlike a run that took too long."""
     return RunResult(
         id=request_id,
         status="timeout",
@@ -578,4 +756,5 @@ def queued_too_long(request_id: RequestId, waited_ms: float) -> RunResult:
         wall_ms=round(waited_ms, 3),
         cpu_ms=0.0,
         peak_memory_bytes=None,
+        message=f"no worker became free within {waited_ms / 1000:.3g} s",
     )

@@ -6,11 +6,16 @@ or structs, so every edge case is a unit test without a socket.
 One JSON object per line. A request that fails to parse or validate gets an
 ErrorReply naming the field and the connection stays usable; a line longer than
 the cap gets ``too_large`` and the connection is closed by the caller.
+
+Decoding is total: every byte sequence becomes a RunRequest or an ErrorReply.
+msgspec checks its own recursion depth and raises RecursionError (a clean
+exception, never a stack overflow) past the interpreter's limit; ``decode_json``
+turns that into a typed error, so a deeply nested value costs one answer.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeVar
 
 import msgspec
 
@@ -65,9 +70,15 @@ class RunResult(msgspec.Struct, frozen=True):
     files: list[Artifact] = []
 
 
-class ErrorDetail(msgspec.Struct, frozen=True):
+# Seconds an overloaded client is told to wait before it retries (HTTP Retry-After too).
+RETRY_AFTER_SECONDS = 1
+
+
+class ErrorDetail(msgspec.Struct, frozen=True, omit_defaults=True):
     code: ErrorCode
     message: str
+    # Seconds after which a retry may succeed; set on every overloaded error.
+    retry_after: int | None = None
 
 
 class ErrorReply(msgspec.Struct, frozen=True):
@@ -83,8 +94,13 @@ class ProtocolError(Exception):
         self.code: ErrorCode = code
         self.message = message
 
+    @property
+    def retry_after(self) -> int | None:
+        return RETRY_AFTER_SECONDS if self.code == "overloaded" else None
+
     def reply(self, request_id: RequestId) -> ErrorReply:
-        return ErrorReply(id=request_id, error=ErrorDetail(code=self.code, message=self.message))
+        detail = ErrorDetail(code=self.code, message=self.message, retry_after=self.retry_after)
+        return ErrorReply(id=request_id, error=detail)
 
 
 _request_decoder = msgspec.json.Decoder(RunRequest)
@@ -97,23 +113,42 @@ class _IdOnly(msgspec.Struct):
 
 _id_decoder = msgspec.json.Decoder(_IdOnly)
 
+T = TypeVar("T")
+
+
+class Invalid(msgspec.Struct, frozen=True):
+    """Why a JSON document was refused: ``malformed`` JSON or an ``invalid`` value."""
+
+    kind: Literal["malformed", "invalid"]
+    message: str
+
+
+def decode_json(decoder: msgspec.json.Decoder[T], data: bytes) -> T | Invalid:
+    """Decode with `decoder`, every failure (nesting too deep included) an Invalid."""
+    try:
+        return decoder.decode(data)
+    except msgspec.ValidationError as exc:
+        return Invalid("invalid", str(exc))
+    except msgspec.DecodeError as exc:
+        return Invalid("malformed", str(exc))
+    except RecursionError:
+        return Invalid("malformed", "values nested too deeply")
+
 
 def _salvage_id(line: bytes) -> RequestId:
     """The id of a request that failed validation, when the line is an object with one."""
-    try:
-        return _id_decoder.decode(line).id
-    except msgspec.DecodeError:  # ValidationError is a DecodeError
-        return None
+    salvaged = decode_json(_id_decoder, line)
+    return None if isinstance(salvaged, Invalid) else salvaged.id
 
 
 def decode_request(line: bytes) -> RunRequest | ErrorReply:
     """Parse one line (without its newline) into a request or a typed error."""
-    try:
-        request = _request_decoder.decode(line)
-    except msgspec.ValidationError as exc:
-        return ProtocolError("bad_request", f"invalid request: {exc}").reply(_salvage_id(line))
-    except msgspec.DecodeError as exc:
-        return ProtocolError("bad_request", f"malformed JSON: {exc}").reply(None)
+    request = decode_json(_request_decoder, line)
+    if isinstance(request, Invalid):
+        if request.kind == "invalid":
+            refusal = ProtocolError("bad_request", f"invalid request: {request.message}")
+            return refusal.reply(_salvage_id(line))
+        return ProtocolError("bad_request", f"malformed JSON: {request.message}").reply(None)
     if request.language not in LANGUAGES:
         return ProtocolError(
             "unsupported_language",

@@ -4,12 +4,19 @@ The outcome of a run is assembled only from what the daemon itself observed:
 the bytes read from the stdout/stderr pipes (capped), the keeper's wait4 status
 and rusage, whether the daemon killed it (timeout, output cap), and the kernel's
 cgroup counters. Nothing the worker says after it got ready is believed.
+
+The answer is bounded by the deadline (DESIGN.md invariant 18): when the worker
+has exited, its whole pid namespace is gone and the pipes reach end-of-file at
+once, unless a process outside it holds their write ends (another run it
+passed them to). So the daemon reads output only until the deadline plus
+OUTPUT_GRACE, then stops feeding stdin and reading, and the run is a `timeout`.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import select
 import signal
 import socket
 from collections.abc import Callable
@@ -26,6 +33,9 @@ from sandboxd.protocol import ProtocolError, Status
 # How long a killed worker may take to be reaped before the run is declared lost.
 KILL_GRACE = 10.0
 READ_CHUNK = 65536
+# How long after the deadline the daemon still waits for end-of-file on the output.
+OUTPUT_GRACE = 0.5
+HELD_OPEN = "the run's output pipes were still held open after its deadline"
 
 
 @dataclass
@@ -85,7 +95,10 @@ class Worker:
         self._on_close = on_close
 
     async def _receive(self) -> Ready | Exited:
-        packet = await self._ctl.recv(control.MAX_PACKET)
+        try:
+            packet = await self._ctl.recv(control.MAX_PACKET)
+        except OSError as error:  # ECONNRESET: the keeper was killed with a packet unread
+            raise ProtocolError("internal", "worker keeper vanished") from error
         if not packet:
             raise ProtocolError("internal", "worker keeper vanished")
         message: Ready | Exited = control.keeper_decoder.decode(packet)
@@ -104,6 +117,12 @@ class Worker:
             await self._ctl.send(control.KILL)
         except OSError:
             pass  # keeper already gone: the worker died with it (parent-death signal)
+
+    def gone(self) -> bool:
+        """Whether a ready worker's keeper has spoken or hung up since (its worker died)."""
+        poller = select.poll()
+        poller.register(self._ctl.fileno(), select.POLLIN)
+        return bool(poller.poll(0))
 
     async def close(self) -> None:
         for stream in (self._job, self._out, self._err):
@@ -147,10 +166,10 @@ class Worker:
         output = Output(output_cap)
         started = trio.current_time()
         timed_out = False
+        drained = trio.Event()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._feed, payload)
-            nursery.start_soon(self._drain, self._out, output.stdout, output)
-            nursery.start_soon(self._drain, self._err, output.stderr, output)
+            nursery.start_soon(self._drain_all, output, drained)
             with trio.move_on_at(deadline):
                 self.exited = await self._wait_exit()
             if self.exited is None:
@@ -158,14 +177,26 @@ class Worker:
                 await self.kill()
                 with trio.fail_after(KILL_GRACE):
                     self.exited = await self._wait_exit()
+            with trio.move_on_at(deadline + OUTPUT_GRACE):
+                await drained.wait()
+            held_open = not drained.is_set()
+            nursery.cancel_scope.cancel()  # stop feeding and reading: invariant 18
         wall_ms = (trio.current_time() - started) * 1000
         usage = self.cgroup.usage() if self.cgroup else None
         split = artifacts.split(bytes(output.stdout), boundary)
         output.stdout = bytearray(split.stdout)
-        result = outcome(self.exited, output, timed_out, wall_ms, job, usage)
+        result = outcome(self.exited, output, timed_out or held_open, wall_ms, job, usage)
         result.images, result.files = split.images, split.files
         result.truncated = result.truncated or split.truncated
+        if held_open:
+            result.message = HELD_OPEN
         return result
+
+    async def _drain_all(self, output: Output, drained: trio.Event) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._drain, self._out, output.stdout, output)
+            nursery.start_soon(self._drain, self._err, output.stderr, output)
+        drained.set()
 
     async def _wait_exit(self) -> Exited:
         message = await self._receive()

@@ -1,6 +1,9 @@
 """The zygote: a warm, root, single-threaded process that forks jailed workers.
 
-Started by the daemon with exactly one fd besides 0-2: a SOCK_SEQPACKET control
+Started by the daemon (command()) as `python -I -S`: no site module, so nothing of the
+daemon's venv (.pth hooks, site-packages) is imported or on sys.path beyond the roots
+of BOOTSTRAP_PACKAGES, and each worker drops those before user code runs
+(runtimes/python3.py). It gets exactly one fd besides 0-2: a SOCK_SEQPACKET control
 socket, whose number is the only argument. The first packet is ZygoteStart with
 the JailSpec; then each SpawnOrder gets a Spawned (with the worker's fds) or a SpawnFailed. See
 sandboxd/jail/__init__.py for the process tree.
@@ -10,9 +13,11 @@ from __future__ import annotations
 
 import array
 import gc
+import importlib.util
 import os
 import select
 import signal
+import site
 import socket
 import sys
 from typing import NoReturn
@@ -78,6 +83,31 @@ WARM_MODULES = (
 )
 
 
+# What the zygote imports beyond the standard library; it finds them on their roots alone.
+BOOTSTRAP_PACKAGES = ("sandboxd", "msgspec", "seccomp")
+
+
+def import_roots() -> list[str]:
+    """The directories BOOTSTRAP_PACKAGES are imported from, as the daemon found them."""
+    roots: list[str] = []
+    for name in BOOTSTRAP_PACKAGES:
+        found = importlib.util.find_spec(name)
+        if found is None or found.origin is None:
+            raise RuntimeError(f"the zygote needs {name!r}, which is not installed")
+        root = os.path.dirname(
+            os.path.dirname(found.origin) if found.submodule_search_locations else found.origin
+        )
+        if root not in roots:
+            roots.append(root)
+    return roots
+
+
+def command(control_fd: int) -> list[str]:
+    """The zygote's argv: this interpreter, isolated (-I) and without site (-S)."""
+    boot = f"import sys; sys.path[:0] = {import_roots()!r}; import sandboxd.zygote as z; z.main()"
+    return [sys.executable, "-I", "-S", "-c", boot, str(control_fd)]
+
+
 def root_of(spec: JailSpec, language: str) -> str:
     return os.path.join(spec.runtime_dir, f"root-{language}")
 
@@ -86,7 +116,12 @@ class Zygote:
     def __init__(self, sock: socket.socket, spec: JailSpec) -> None:
         self.sock = sock
         self.spec = spec
-        self.programs = {language: seccomp.compile_policy(language) for language in spec.roots}
+        # One program per language for runs without network and one for runs with it.
+        self.programs = {
+            (language, network): seccomp.compile_policy(language, network)
+            for language in spec.roots
+            for network in (False, True)
+        }
         self.egress_fd: int | None = None
         # The data-science template's socket (None: there is none, or this is it).
         self.template: socket.socket | None = None
@@ -106,6 +141,11 @@ class Zygote:
             rootfs.build(root_of(self.spec, language), entries, files)
         for name in WARM_MODULES:
             __import__(name)
+        # -S skipped site and the builtins it adds (exit, quit, help, copyright, credits,
+        # license), which snippets use; add those alone (site's path handling stays off).
+        site.setquit()
+        site.setcopyright()
+        site.sethelper()
         # Keepers are reaped by the kernel; each keeper resets this for its own child.
         signal.signal(signal.SIGCHLD, signal.SIG_IGN)
         # Move every object the zygote made out of the collector's reach, so a worker's
@@ -188,12 +228,14 @@ class Keeper:
 
     def _run(self) -> None:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
+        # No parent-death signal: a keeper outlives a zygote that crashed, so the run on
+        # its worker finishes and its exit report frees the uid and cgroup. It answers to
+        # the daemon alone: when the daemon goes, its socket hangs up and it kills the worker.
         if self.order.network:
             if self.zygote.egress_fd is None:
                 raise RuntimeError("a network worker was ordered but there is no egress namespace")
             libc.setns(self.zygote.egress_fd, libc.CLONE_NEWNET)
-        namespaces.isolate_worker()
+        namespaces.isolate_worker(self.order.network)
         go_r, go_w = os.pipe()
         ready_r, ready_w = os.pipe()
         pid = os.fork()
@@ -290,7 +332,7 @@ def worker_main(
         step = "runtime"
         runtime.prepare(spec)
         step = "seccomp"
-        seccomp.load(zygote.programs[order.language])
+        seccomp.load(zygote.programs[order.language, order.network])
         step = "start"
         runtime.start(spec, READY_FD)
     except BaseException as exc:

@@ -6,20 +6,24 @@ Processes (all forked, none exec'd except node):
 
   daemon (trio, root) ── control socket ──▶ zygote (root, warm interpreter)
       zygote: own mount namespace holding the read-only root templates
-      (rootfs.py) and one shared empty network namespace (namespaces.py);
+      (rootfs.py) and an empty network namespace (namespaces.py);
       seccomp programs compiled once (seccomp.py). It never holds a client
       or listening socket: it is spawned with only its control socket.
   zygote ──fork──▶ data-science template (root, runtimes/template.py): the same,
       with [python3] warm_modules imported; forks the data-science pools' keepers
   zygote or template ──fork──▶ keeper (root, trusted, never runs user code)
       joins the egress network namespace if the worker is for runs with
-      network (network.py); unshare(mount, pid, ipc, uts); forks the worker,
+      network (network.py); unshare(mount, pid, ipc, uts, and net for a
+      worker without network: its own); forks the worker,
       moves it into its cgroup (cgroup.py, scope.py), waits for it and
-      reports its exit status and rusage.
+      reports its exit status and rusage. It answers to the daemon alone
+      (no parent-death signal): it outlives a zygote that dies, and kills
+      its worker when the daemon's end of its socket hangs up.
   keeper ──fork──▶ worker (pid 1 of its own pid namespace)
       enters the jail in this order, failing closed at any step:
       fds 0/1/2 = job/stdout/stderr pipes, 3 = readiness pipe, rest closed;
-      private tmpfs /tmp; chroot; hostname; setsid; rlimits (config maxima);
+      private tmpfs /tmp; pivot_root into the root, old root detached;
+      hostname; setsid; rlimits (config maxima);
       identity (bounding set cleared, no groups, uid/gid from the pool);
       no_new_privs, not dumpable, parent-death signal; seccomp; "ready".
       Then it reads one job from fd 0, lowers its rlimits to the job's, runs

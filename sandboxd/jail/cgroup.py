@@ -15,10 +15,16 @@ Two layouts, one interface:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
+import signal
+import time
 from dataclasses import dataclass
 from typing import Protocol
+
+from sandboxd.jail.liveness import daemon_alive
 
 log = logging.getLogger("sandboxd.cgroup")
 
@@ -51,6 +57,10 @@ class RunCgroup(Protocol):
     def set_memory_limit(self, memory_bytes: int) -> None: ...
 
     def usage(self) -> Usage: ...
+
+    def kill_all(self) -> bool:
+        """SIGKILL every process left in the run's cgroup; True once it is empty."""
+        ...
 
     def remove(self) -> None: ...
 
@@ -92,6 +102,54 @@ def _read_int(path: str) -> int | None:
         return None
 
 
+def _procs(path: str) -> list[int]:
+    try:
+        with open(f"{path}/cgroup.procs") as handle:
+            return [int(line) for line in handle if line.strip()]
+    except FileNotFoundError:
+        return []
+
+
+def kill_members(path: str) -> bool:
+    """SIGKILL each process of the cgroup at `path` through a pidfd opened while it was
+    still a member (so a recycled pid is never hit); True when none was left."""
+    members = _procs(path)
+    relative = path.removeprefix(V1_ROOT).split("/", 2)[-1]
+    for pid in members:
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            continue  # exited meanwhile
+        try:
+            with open(f"/proc/{pid}/cgroup") as handle:
+                if any(line.rstrip("\n").endswith("/" + relative) for line in handle):
+                    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        except OSError:
+            pass  # exited meanwhile
+        finally:
+            os.close(pidfd)
+    return not members
+
+
+def remove_when_empty(cgroup: RunCgroup, grace: float) -> bool:
+    """Kill what is left in a run's cgroup, then remove it; False (and the cgroup kept)
+    if it is still busy after `grace` seconds. Blocking."""
+    deadline = time.monotonic() + grace
+    dirs = [os.path.dirname(path) for path in cgroup.procs_files]
+    while True:
+        if cgroup.kill_all():
+            # A v1 cgroup can stay busy for a moment after its last process is gone.
+            for directory in dirs:
+                with contextlib.suppress(OSError):
+                    os.rmdir(directory)
+            if not any(os.path.exists(directory) for directory in dirs):
+                return True
+        if time.monotonic() > deadline:
+            log.error("cannot remove cgroups %s: still busy after %g s", dirs, grace)
+            return False
+        time.sleep(0.01)
+
+
 def _rmdir(path: str) -> None:
     try:
         os.rmdir(path)
@@ -127,6 +185,14 @@ class UnifiedCgroup:
             cpu_usec=_read_keyed(f"{self.path}/cpu.stat").get("usage_usec", 0),
             peak_memory_bytes=_read_int(f"{self.path}/memory.peak"),
         )
+
+    def kill_all(self) -> bool:
+        if not _procs(self.path):
+            return True
+        if os.path.exists(f"{self.path}/cgroup.kill"):
+            _write(f"{self.path}/cgroup.kill", "1")
+            return False
+        return kill_members(self.path)
 
     def remove(self) -> None:
         if os.path.exists(f"{self.path}/cgroup.kill"):
@@ -195,6 +261,10 @@ class LegacyCgroup:
             peak_memory_bytes=_read_int(f"{self.memory}/memory.max_usage_in_bytes"),
         )
 
+    def kill_all(self) -> bool:
+        # Every process of the run is in the pids hierarchy (the keeper put it there).
+        return kill_members(self.pids)
+
     def remove(self) -> None:
         for path in self._dirs:
             _rmdir(path)
@@ -216,6 +286,44 @@ class LegacyBackend:
     def close(self) -> None:
         for controller in CONTROLLERS_V1:
             _rmdir(f"{V1_ROOT}/{controller}/{self.parent}")
+
+
+# Seconds a dead daemon's processes get to leave its cgroups (its keepers kill their
+# workers when the daemon's sockets hang up; the zygote exits on the same hang-up).
+STALE_GRACE = 5.0
+
+
+def remove_tree(path: str, grace: float = STALE_GRACE) -> bool:
+    """Kill what is left in a cgroup tree and remove it, deepest first; True when gone."""
+    deadline = time.monotonic() + grace
+    while True:
+        dirs = [root for root, _, _ in os.walk(path, topdown=False)]
+        empty = all([kill_members(d) for d in dirs])
+        if empty:
+            for directory in dirs:
+                _rmdir(directory)
+            if not os.path.exists(path):
+                return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+
+
+def remove_stale_legacy() -> list[str]:
+    """Remove the v1 cgroups (`sandboxd.<pid>` in each hierarchy) of dead daemons."""
+    removed: list[str] = []
+    for controller in CONTROLLERS_V1:
+        top = f"{V1_ROOT}/{controller}"
+        if not os.path.isdir(top):
+            continue
+        for name in sorted(os.listdir(top)):
+            found = re.fullmatch(r"sandboxd\.([0-9]+)", name)
+            if found and not daemon_alive(int(found[1])):
+                if remove_tree(f"{top}/{name}"):
+                    removed.append(f"{top}/{name}")
+                else:
+                    log.error("cannot remove the stale cgroup %s/%s", top, name)
+    return removed
 
 
 def legacy_available() -> bool:

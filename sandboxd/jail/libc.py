@@ -7,6 +7,7 @@ Constants are the kernel's (include/uapi/linux/sched.h, mount.h, prctl.h).
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -93,6 +94,16 @@ def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 
             ctypes.c_ulong(arg5),
         )
     )
+
+
+# pivot_root(2) has no glibc wrapper: called through syscall(2) by number.
+_NR_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}.get(os.uname().machine)
+
+
+def pivot_root(new_root: str, put_old: str) -> None:
+    if _NR_PIVOT_ROOT is None:
+        raise OSError(errno.ENOSYS, f"pivot_root: unsupported machine {os.uname().machine}")
+    _check(_libc.syscall(ctypes.c_long(_NR_PIVOT_ROOT), new_root.encode(), put_old.encode()))
 
 
 def sethostname(name: str) -> None:

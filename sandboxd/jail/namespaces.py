@@ -1,4 +1,5 @@
-"""Namespaces: the zygote's own (mount, network) and each worker's (mount, pid, ipc, uts)."""
+"""Namespaces: the zygote's own (mount, network) and each worker's (mount, pid, ipc, uts,
+and for a worker without network its own network namespace)."""
 
 from __future__ import annotations
 
@@ -10,16 +11,24 @@ WORKER_NAMESPACES = libc.CLONE_NEWNS | libc.CLONE_NEWPID | libc.CLONE_NEWIPC | l
 
 def isolate_zygote() -> None:
     """Give the zygote a private mount namespace (for the root templates) and move it into
-    one fresh, empty network namespace that every worker inherits.
-
-    Creating a network namespace per worker is slow (teardown is asynchronous and
-    serialised in the kernel), so the workers share this one. Its loopback stays down:
-    with no interface up, no worker can reach another over IP.
+    a fresh, empty network namespace, so that no process it forks is ever in the host's.
     """
     libc.unshare(libc.CLONE_NEWNS | libc.CLONE_NEWNET)
     libc.mount("none", "/", None, libc.MS_REC | libc.MS_PRIVATE)
 
 
-def isolate_worker() -> None:
+def worker_namespaces(network: bool) -> int:
+    """The unshare() flags of a worker's keeper.
+
+    A worker without network gets a network namespace of its own, with its loopback
+    down: abstract Unix socket names, IP ports and loopback are per network namespace,
+    so no other run can reach, be reached by, or see a port taken by this one. A
+    network worker has joined the shared egress namespace instead, where the egress
+    nft rules and the network seccomp policy close those channels.
+    """
+    return WORKER_NAMESPACES if network else WORKER_NAMESPACES | libc.CLONE_NEWNET
+
+
+def isolate_worker(network: bool) -> None:
     """Called by the keeper: its next child is pid 1 of a new pid namespace."""
-    libc.unshare(WORKER_NAMESPACES)
+    libc.unshare(worker_namespaces(network))

@@ -16,7 +16,8 @@ Layout (pid = the daemon's pid, so leftovers of a dead daemon can be found):
 The link is a /30 of link-local space (LINK_POOL): link-local addresses are never
 routed, so they cannot shadow a destination a run wants, and blocking 169.254.0.0/16
 keeps runs off both the cloud metadata services and every other daemon's link.
-Unix sockets are out of reach already (chroot); this module decides IP reach only.
+This module decides IP reach; runs with network get no named Unix socket and no
+bind or listen (jail/seccomp.py, EGRESS_SOCKET_RULES), as they share this namespace.
 
 Forwarding is enabled per interface, never globally: on the veth (so the namespace's
 packets may be forwarded) and on the uplinks of the default routes (so their replies
@@ -41,6 +42,7 @@ import subprocess
 from dataclasses import dataclass
 
 from sandboxd.jail import libc
+from sandboxd.jail.liveness import daemon_alive
 
 # /30 links are carved from here; the host side takes .1 and the namespace .2.
 LINK_POOL = ipaddress.IPv4Network("169.254.248.0/22")
@@ -304,16 +306,6 @@ def _is_mount_point(path: str) -> bool:
         return any(line.split()[4] == path for line in file)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def setup_egress(pid: int, runtime_dir: str) -> str:
     """Build (or find, on reload) the egress namespace of the daemon `pid`; its path.
 
@@ -424,8 +416,27 @@ def cleanup_stale(runtime_dir: str) -> None:
             if (pid := pid_of(name, NETNS_PREFIX, NETNS_SUFFIX)) is not None:
                 pids.add(pid)
     for pid in sorted(pids):
-        if not _alive(pid):
+        if not daemon_alive(pid):
             teardown_egress(pid, runtime_dir)
+
+
+def remove_stale_namespaces() -> list[str]:
+    """Unmount and unlink egress namespace files of dead daemons in any runtime dir
+    (a killed daemon's veth and table go in cleanup_stale); the paths removed."""
+    removed: list[str] = []
+    with open("/proc/self/mountinfo") as file:
+        mount_points = [line.split()[4] for line in file]
+    for path in reversed(mount_points):
+        pid = pid_of(os.path.basename(path), NETNS_PREFIX, NETNS_SUFFIX)
+        if pid is None or daemon_alive(pid):
+            continue
+        try:
+            libc.umount2(path, libc.MNT_DETACH)
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        removed.append(path)
+    return removed
 
 
 def resolv_conf() -> bytes:

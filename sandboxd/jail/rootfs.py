@@ -1,10 +1,13 @@
-"""The read-only root a worker is chrooted into.
+"""The read-only root a worker pivots into.
 
 prepare_*(): in the daemon, once: which host paths a language's root holds
 (the runtime, the shared libraries it links, tz data, dependencies).
 build(): in the zygote's private mount namespace, once: a tmpfs with those
 paths bind-mounted read-only, a minimal /dev and /etc, then made read-only.
-enter(): in each worker: a private size-capped tmpfs on /tmp, then chroot.
+enter(): in each worker: a private size-capped tmpfs on /tmp, then pivot_root
+into the root and detach the old one, so the host's root is not in the worker's
+mount namespace at all: no directory fd, whoever opened it, leads to the host
+by fchdir and `..` (chroot alone would leave the host's tree one `..` away).
 """
 
 from __future__ import annotations
@@ -21,6 +24,11 @@ from sandboxd.jail import RootEntry, libc
 
 # Device nodes a run may open (invariant 5).
 DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom")
+
+# POSIX shared memory and semaphores (shm_open, sem_open: multiprocessing's locks)
+# live in /dev/shm; in every root it leads to the worker's own /tmp, so they are
+# private to the run and inside the /tmp size cap.
+SHM_LINK = ("/dev/shm", "../tmp")
 
 # Host directories a python3 root holds when they exist (stdlib comes from sysconfig).
 PYTHON_DATA_DIRS = ("/usr/share/zoneinfo",)
@@ -169,6 +177,7 @@ def build(root: str, entries: Iterable[RootEntry], files: dict[str, bytes]) -> N
     for entry in entries:
         _bind_read_only(entry.path, _mount_point(root, entry))
     os.makedirs(root + "/dev")
+    os.symlink(SHM_LINK[1], root + SHM_LINK[0])
     for device in DEVICES:
         if os.path.exists(device):
             point = _mount_point(root, RootEntry(device, "file"))
@@ -187,7 +196,9 @@ def build(root: str, entries: Iterable[RootEntry], files: dict[str, bytes]) -> N
 
 
 def enter(root: str, tmp_size_mb: int, uid: int) -> None:
-    """Give the worker a private /tmp owned by it, chroot into the root and cd to /tmp."""
+    """Give the worker a private /tmp owned by it, make `root` its mount namespace's
+    root (pivot_root, then detach the old root) and cd to /tmp. Call in the
+    worker's own mount namespace, whose mounts are private (namespaces.py)."""
     libc.mount(
         "sandboxd-tmp",
         root + "/tmp",
@@ -195,5 +206,9 @@ def enter(root: str, tmp_size_mb: int, uid: int) -> None:
         libc.MS_NOSUID | libc.MS_NODEV,
         f"size={tmp_size_mb}m,mode=0700,uid={uid},gid={uid},nr_inodes=16k",
     )
-    os.chroot(root)
+    os.chdir(root)
+    # With new_root == put_old the old root is stacked on top of the new one at
+    # "/", from where it is detached; no directory for it is needed in the root.
+    libc.pivot_root(".", ".")
+    libc.umount2(".", libc.MNT_DETACH)
     os.chdir("/tmp")

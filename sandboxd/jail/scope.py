@@ -13,6 +13,7 @@ collects it (CollectMode=inactive-or-failed).
 from __future__ import annotations
 
 import os
+import re
 import time
 from typing import Protocol
 
@@ -23,7 +24,9 @@ from sandboxd.jail.cgroup import (
     LegacyBackend,
     UnifiedBackend,
     legacy_available,
+    remove_tree,
 )
+from sandboxd.jail.liveness import daemon_alive
 
 UNIFIED_ROOT = "/sys/fs/cgroup"
 SLICE = "sandboxd.slice"
@@ -129,6 +132,26 @@ class LegacyPlacement:
                 os.rmdir(f"{V1_ROOT}/{controller}/{self.parent}")
             except OSError:
                 pass  # not empty (logged by the generation) or already gone
+
+
+def remove_stale_scopes(slice_name: str = SLICE) -> list[str]:
+    """Kill and remove the generation scopes (`sandboxd-pool-<pid>-<n>.scope`) of dead
+    daemons; systemd then collects the emptied units."""
+    top = f"{UNIFIED_ROOT}/{slice_name}"
+    removed: list[str] = []
+    if not os.path.isdir(top):
+        return removed
+    for name in sorted(os.listdir(top)):
+        found = re.fullmatch(r"sandboxd-pool-([0-9]+)-[0-9]+\.scope", name)
+        if not found or daemon_alive(int(found[1])):
+            continue
+        path = f"{top}/{name}"
+        if os.path.exists(f"{path}/cgroup.kill"):
+            with open(f"{path}/cgroup.kill", "w") as kill:
+                kill.write("1")
+        if remove_tree(path):
+            removed.append(path)
+    return removed
 
 
 def choose(mode: str) -> Placement | None:

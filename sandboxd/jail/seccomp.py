@@ -62,10 +62,13 @@ PR_CAPBSET_READ = 23
 PR_GET_NO_NEW_PRIVS = 39
 PR_SET_VMA = 0x53564D41
 
-# linux/socket.h
+# linux/socket.h (and linux/net.h for the types)
 AF_UNIX = 1
 AF_INET = 2
 AF_INET6 = 10
+SOCK_STREAM = 1
+SOCK_SEQPACKET = 5
+SOCK_TYPE_MASK = 0xF  # the rest of the type argument is SOCK_NONBLOCK | SOCK_CLOEXEC
 
 # Namespace flags that clone() honours. CLONE_NEWTIME (0x80) is absent on
 # purpose: in clone() that bit belongs to the exit signal, and the kernel only
@@ -74,6 +77,18 @@ CLONE_NAMESPACE_FLAGS = (
     libc.CLONE_NEWNS | libc.CLONE_NEWCGROUP | libc.CLONE_NEWUTS | libc.CLONE_NEWIPC
     | libc.CLONE_NEWUSER | libc.CLONE_NEWPID | libc.CLONE_NEWNET
 )
+
+# asm-generic/fcntl.h and linux/fcntl.h: the commands a run may give fcntl().
+F_DUPFD = 0
+F_GETFD = 1
+F_SETFD = 2
+F_GETFL = 3
+F_SETFL = 4
+F_DUPFD_CLOEXEC = 1030
+F_SETPIPE_SZ = 1031
+F_GETPIPE_SZ = 1032
+F_ADD_SEALS = 1033
+F_GET_SEALS = 1034
 
 LOW_32_BITS = 0xFFFFFFFF  # int arguments: the kernel ignores the high word
 
@@ -86,6 +101,9 @@ class ArgRule:
     """Allow `syscall` only when (argument `arg` & `mask`) is one of `allowed`.
 
     Any other value gets `otherwise_errno`, or the default kill when it is None.
+    `also` adds (argument, value) conditions, exact 64-bit equality, that an allowed
+    call must meet as well; a rule with `also` needs an errno and a small mask (every
+    masked value outside `allowed` gets its own errno rule).
     """
 
     syscall: str
@@ -93,6 +111,7 @@ class ArgRule:
     mask: int
     allowed: tuple[int, ...]
     otherwise_errno: int | None
+    also: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -174,7 +193,7 @@ BASE_ALLOW: frozenset[str] = frozenset({
     # descriptors and reading files (imports, require)
     "read", "readv", "pread64", "preadv", "preadv2",
     "write", "writev", "pwrite64", "pwritev", "pwritev2",
-    "open", "openat", "creat", "close", "close_range", "lseek", "fcntl", "flock",
+    "open", "openat", "creat", "close", "close_range", "lseek",  # fcntl: ARG_RULES
     "dup", "dup2", "dup3", "pipe", "pipe2",
     "stat", "fstat", "lstat", "newfstatat", "statx", "statfs", "fstatfs",
     "access", "faccessat", "faccessat2", "readlink", "readlinkat",
@@ -189,8 +208,8 @@ BASE_ALLOW: frozenset[str] = frozenset({
     # extended attributes: shutil.copy2 copies them
     "getxattr", "lgetxattr", "fgetxattr", "listxattr", "llistxattr", "flistxattr",
     "setxattr", "lsetxattr", "fsetxattr", "removexattr", "lremovexattr", "fremovexattr",
-    # sockets (socket and socketpair are in ARG_RULES; the network namespace decides reach)
-    "bind", "listen", "accept", "accept4", "connect", "getsockname", "getpeername",
+    # sockets (socket, socketpair, bind and listen: see the *_SOCKET_* tables below)
+    "accept", "accept4", "connect", "getsockname", "getpeername",
     "sendto", "recvfrom", "sendmsg", "recvmsg", "sendmmsg", "recvmmsg", "shutdown",
     "setsockopt", "getsockopt",
 })
@@ -199,6 +218,18 @@ BASE_ALLOW: frozenset[str] = frozenset({
 BASE_ERRNO: Mapping[str, int] = {
     "clone3": errno.ENOSYS,  # glibc then falls back to clone, whose flags we can check
     "mbind": errno.EPERM,  # OpenBLAS (numpy) binds its buffers to the local node, ignoring errors
+    # Channels between concurrent runs through the read-only tree they share (its
+    # inodes are the same in every worker): a lock, or a watch that reports another
+    # run's opens, on a stdlib file. seccomp cannot tell a run's own /tmp file from
+    # a shared one, so these answer ENOSYS everywhere: "not implemented here" makes
+    # libraries take their fallback (py-filelock says to use SoftFileLock; file
+    # watchers poll). fcntl's locks, leases and dnotify: see ARG_RULES.
+    "flock": errno.ENOSYS,
+    "inotify_init": errno.ENOSYS,
+    "inotify_init1": errno.ENOSYS,
+    "inotify_add_watch": errno.ENOSYS,
+    "inotify_rm_watch": errno.ENOSYS,
+    "fanotify_init": errno.ENOSYS,  # unprivileged inode marks report opens too (5.13+)
 }
 
 # Allowed for some argument values only, for every language.
@@ -214,8 +245,12 @@ ARG_RULES: tuple[ArgRule, ...] = (
         FIONBIO,  # libuv and CPython set O_NONBLOCK this way
         FIOCLEX, FIONCLEX,  # os.set_inheritable
     ), errno.EPERM),
-    ArgRule("socket", 0, LOW_32_BITS, (AF_UNIX, AF_INET, AF_INET6), errno.EAFNOSUPPORT),
-    ArgRule("socketpair", 0, LOW_32_BITS, (AF_UNIX,), errno.EAFNOSUPPORT),
+    # descriptor flags, pipe sizes and memfd seals only; every lock (POSIX, OFD),
+    # lease and dnotify command gets ENOSYS, for the reason given at "flock"
+    ArgRule("fcntl", 1, LOW_32_BITS, (
+        F_DUPFD, F_DUPFD_CLOEXEC, F_GETFD, F_SETFD, F_GETFL, F_SETFL,
+        F_GETPIPE_SZ, F_SETPIPE_SZ, F_ADD_SEALS, F_GET_SEALS,
+    ), errno.ENOSYS),
     ArgRule("prctl", 0, LOW_32_BITS, (
         PR_SET_NAME, PR_GET_NAME,  # thread names (pthread_setname_np on itself)
         PR_SET_VMA,  # glibc and V8 name anonymous mappings
@@ -223,6 +258,31 @@ ARG_RULES: tuple[ArgRule, ...] = (
         PR_GET_SECCOMP, PR_GET_NO_NEW_PRIVS, PR_CAPBSET_READ,  # read-only probes
     ), errno.EPERM),
 )
+
+# Sockets of a run without network: it sits alone in a network namespace of its own
+# (jail/namespaces.py), so its Unix, TCP and UDP sockets reach no other run.
+OFFLINE_SOCKET_RULES: tuple[ArgRule, ...] = (
+    ArgRule("socket", 0, LOW_32_BITS, (AF_UNIX, AF_INET, AF_INET6), errno.EAFNOSUPPORT),
+    ArgRule("socketpair", 0, LOW_32_BITS, (AF_UNIX,), errno.EAFNOSUPPORT),
+)
+OFFLINE_SOCKET_ALLOW: frozenset[str] = frozenset({"bind", "listen"})
+
+# Sockets of a run with network: every network run shares the egress namespace, whose
+# abstract Unix names and ports every other network run would see. So, EACCES for:
+# - socket(AF_UNIX): no named Unix socket at all (abstract names are per namespace);
+# - socketpair other than stream or seqpacket: one end of a datagram pair, dissolved by
+#   connect(AF_UNSPEC) and autobound to an abstract name (SO_PASSCRED), takes datagrams
+#   (and fds) from any run that finds the name by scanning;
+# - bind and listen: no run takes a port another would see (EADDRINUSE) or serves one.
+#   Clients are unaffected: connect() picks an ephemeral port by itself.
+# Loopback and the namespace's own address are closed by its nft input chain
+# (jail/network.py NAMESPACE_RULES: no new connection or datagram is accepted).
+EGRESS_SOCKET_RULES: tuple[ArgRule, ...] = (
+    ArgRule("socket", 0, LOW_32_BITS, (AF_INET, AF_INET6), errno.EACCES),
+    ArgRule("socketpair", 1, SOCK_TYPE_MASK, (SOCK_STREAM, SOCK_SEQPACKET), errno.EACCES,
+            also=((0, AF_UNIX),)),
+)  # fmt: skip
+EGRESS_SOCKET_ERRNO: Mapping[str, int] = {"bind": errno.EACCES, "listen": errno.EACCES}
 
 PYTHON3_ALLOW: frozenset[str] = frozenset({
     "vfork",  # subprocess: _posixsubprocess uses vfork() since 3.10
@@ -240,13 +300,33 @@ NODEJS_ERRNO: Mapping[str, int] = {
     "io_uring_register": errno.ENOSYS,
 }
 
+LANGUAGE_ALLOW: Mapping[str, frozenset[str]] = {
+    "python3": PYTHON3_ALLOW,
+    "nodejs": NODEJS_ALLOW,
+}
+LANGUAGE_ERRNO: Mapping[str, Mapping[str, int]] = {
+    "python3": {},
+    "nodejs": NODEJS_ERRNO,
+}
+
+# Runs without network (the default).
 POLICIES: Mapping[str, Policy] = {
-    "python3": Policy(allow=BASE_ALLOW | PYTHON3_ALLOW, errno=BASE_ERRNO, arg_rules=ARG_RULES),
-    "nodejs": Policy(
-        allow=BASE_ALLOW | NODEJS_ALLOW,
-        errno={**BASE_ERRNO, **NODEJS_ERRNO},
-        arg_rules=ARG_RULES,
-    ),
+    language: Policy(
+        allow=BASE_ALLOW | OFFLINE_SOCKET_ALLOW | LANGUAGE_ALLOW[language],
+        errno={**BASE_ERRNO, **LANGUAGE_ERRNO[language]},
+        arg_rules=ARG_RULES + OFFLINE_SOCKET_RULES,
+    )
+    for language in LANGUAGE_ALLOW
+}
+
+# Runs with network ([network] mode = "allow" and enable_network).
+NETWORK_POLICIES: Mapping[str, Policy] = {
+    language: Policy(
+        allow=BASE_ALLOW | LANGUAGE_ALLOW[language],
+        errno={**BASE_ERRNO, **EGRESS_SOCKET_ERRNO, **LANGUAGE_ERRNO[language]},
+        arg_rules=ARG_RULES + EGRESS_SOCKET_RULES,
+    )
+    for language in LANGUAGE_ALLOW
 }
 
 # ---------------------------------------------------------------------------
@@ -286,9 +366,13 @@ def _check_policy(policy: Policy) -> None:
 
 
 def _add_arg_rule(program: seccomp.SyscallFilter, rule: ArgRule) -> None:
+    also = [seccomp.Arg(arg, seccomp.EQ, value) for arg, value in rule.also]
     for value in rule.allowed:
         allowed = seccomp.Arg(rule.arg, seccomp.MASKED_EQ, rule.mask, value)
-        program.add_rule(seccomp.ALLOW, rule.syscall, allowed)
+        program.add_rule(seccomp.ALLOW, rule.syscall, allowed, *also)
+    if rule.also:
+        _add_complement(program, rule, also)
+        return
     if rule.otherwise_errno is None:
         return
     # An unconditional rule would replace the conditional ones in libseccomp, so
@@ -299,6 +383,22 @@ def _add_arg_rule(program: seccomp.SyscallFilter, rule: ArgRule) -> None:
     high_word_zero = seccomp.Arg(rule.arg, seccomp.MASKED_EQ, 0xFFFFFFFF_00000000, 0)
     program.add_rule(action, rule.syscall, high_word_zero)
     program.add_rule(action, rule.syscall, seccomp.Arg(rule.arg, seccomp.GT, 0xFFFFFFFF))
+
+
+def _add_complement(
+    program: seccomp.SyscallFilter, rule: ArgRule, also: list[seccomp.Arg]
+) -> None:
+    """The errno rules of an ArgRule with `also`, as disjoint cases: a shorter rule that
+    overlaps a longer one would win over it in libseccomp, so none may overlap."""
+    if rule.otherwise_errno is None or rule.mask > 0xFF:
+        raise ValueError(f"the {rule.syscall} rule with `also` needs an errno and a small mask")
+    action = seccomp.ERRNO(rule.otherwise_errno)
+    for arg, value in rule.also:
+        program.add_rule(action, rule.syscall, seccomp.Arg(arg, seccomp.NE, value))
+    for value in range(rule.mask + 1):
+        if value & rule.mask == value and value not in rule.allowed:
+            masked = seccomp.Arg(rule.arg, seccomp.MASKED_EQ, rule.mask, value)
+            program.add_rule(action, rule.syscall, masked, *also)
 
 
 def build_program(policy: Policy) -> bytes:
@@ -321,22 +421,48 @@ def build_program(policy: Policy) -> bytes:
         return os.pread(fd, os.fstat(fd).st_size, 0)
 
 
-def compile_policy(language: str) -> bytes:
-    """The BPF program for a language ("python3" or "nodejs"); call once, load many times."""
+def compile_policy(language: str, network: bool = False) -> bytes:
+    """The BPF program for a language ("python3" or "nodejs") and for runs without or
+    with network; call once, load many times."""
     try:
-        policy = POLICIES[language]
+        policy = (NETWORK_POLICIES if network else POLICIES)[language]
     except KeyError:
         raise ValueError(f"no seccomp policy for language {language!r}") from None
     return build_program(policy)
 
 
-def syscall_name(number: int) -> str | None:
-    """The native name of a system call number, for messages; None if unknown."""
+# The AUDIT_ARCH_* value an audit record names each ABI by (linux/audit.h), with
+# the name a message gives it (None: the running machine's own ABI).
+AUDIT_ARCHES: Mapping[int, tuple[seccomp.Arch, str]] = {
+    0xC000003E: (seccomp.Arch.X86_64, "x86_64"),
+    0x40000003: (seccomp.Arch.X86, "i386"),
+    0xC00000B7: (seccomp.Arch.AARCH64, "aarch64"),
+    0x40000028: (seccomp.Arch.ARM, "arm"),
+}
+_X32_BIT = 0x40000000  # x32 calls are x86_64's arch with this bit in the number
+
+
+def syscall_name(number: int, arch: seccomp.Arch = seccomp.Arch.NATIVE) -> str | None:
+    """The name of system call `number` of ABI `arch`, for messages; None if unknown."""
     try:
-        name = seccomp.resolve_syscall(seccomp.Arch.NATIVE, number)
+        name = seccomp.resolve_syscall(arch, number)
     except ValueError:
         return None
     return bytes(name).decode()
+
+
+def describe_call(audit_arch: int, number: int) -> str:
+    """A blocked call as a message names it: its name in its own ABI, and the ABI when
+    it is not the machine's (an i386 number is not an x86_64 name)."""
+    known = AUDIT_ARCHES.get(audit_arch)
+    if known is None:
+        return f"number {number} of unknown ABI 0x{audit_arch:x}"
+    arch, label = known
+    if arch == seccomp.Arch.X86_64 and number & _X32_BIT:
+        arch, label = seccomp.Arch.X32, "x32"
+    name = syscall_name(number, arch) or f"number {number}"
+    native = int(seccomp.system_arch()) & LOW_32_BITS == int(arch) & LOW_32_BITS
+    return name if native else f"{name} ({label} ABI)"
 
 
 # ---------------------------------------------------------------------------

@@ -2,12 +2,20 @@
 
 User code shares this interpreter and can rewrite anything in it, so nothing
 here reports an outcome: the exit status is read by the keeper with wait4.
+
+User code sees only its own modules (DESIGN.md invariant 16): the zygote ran without
+site (zygote.command), prepare() sets sys.path to the jail's (the stdlib and the
+dependency environment), and once the job is read, forget_bootstrap() removes from
+sys.modules every module that is neither the standard library's nor the jail
+environment's: sandboxd itself, msgspec, the seccomp bindings and whatever they
+pulled in.
 """
 
 from __future__ import annotations
 
 import atexit
 import builtins
+import importlib
 import io
 import linecache
 import os
@@ -44,6 +52,26 @@ def prepare(spec: JailSpec) -> None:
     os.environ.clear()
     os.environ.update(ENVIRONMENT)
     os.environ.update(datascience.ENVIRONMENT)
+
+
+def _jail_module(module: object, jail_dirs: tuple[str, ...]) -> bool:
+    """Whether a module was loaded from the jail's own dependency environment."""
+    location = getattr(module, "__file__", None) or ""
+    return bool(jail_dirs) and location.startswith(jail_dirs)
+
+
+def forget_bootstrap(spec: JailSpec) -> None:
+    """Drop from sys.modules every module that is neither the standard library's nor
+    the jail environment's (warmed by the zygote), so an import finds the jail's."""
+    jail_dirs = tuple(
+        os.path.join(path, "") for path in (*spec.python_path, spec.python_site_packages) if path
+    )
+    for name, module in list(sys.modules.items()):
+        if name.partition(".")[0] in sys.stdlib_module_names or _jail_module(module, jail_dirs):
+            continue
+        del sys.modules[name]
+    sys.path_importer_cache.clear()
+    importlib.invalidate_caches()
 
 
 def _register_source(filename: str, source: str) -> None:
@@ -129,6 +157,7 @@ def start(spec: JailSpec, ready_fd: int) -> NoReturn:
     except EOFError:
         os._exit(0)  # retired without a job
     rlimits.lower_for_job(job.memory_mb, job.timeout)
+    forget_bootstrap(spec)
     _set_stdio()
     datascience.write_inputs(job.files)
     if job.boundary:

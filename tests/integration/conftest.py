@@ -115,8 +115,9 @@ def start_daemon(
     uid_min = next(_uid_blocks)
     uid_max = uid_min + UID_BLOCK - 1
     config_path.write_text(
-        f'[http]\nlisten = "127.0.0.1:{port}"\napi_key = "{API_KEY}"\n'
-        f"[jail]\nuid_min = {uid_min}\nuid_max = {uid_max}\n" + config_text
+        # [http] last, so keys at the top of config_text land in [http] (as callers expect).
+        f"[jail]\nuid_min = {uid_min}\nuid_max = {uid_max}\n"
+        f'[http]\nlisten = "127.0.0.1:{port}"\napi_key = "{API_KEY}"\n' + config_text
     )
     log_path = base / "daemon.log"
     socket_path = str(base / "sandboxd.sock")

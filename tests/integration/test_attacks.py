@@ -176,8 +176,10 @@ def test_tmp_is_size_capped(daemon: Daemon) -> None:
 
 
 def test_minimal_dev(daemon: Daemon) -> None:
-    answer = attack(daemon, "import os\nprint(sorted(os.listdir('/dev')))")
-    assert answer["stdout"] == "['full', 'null', 'random', 'urandom', 'zero']\n"
+    code = "import os\nprint(sorted(os.listdir('/dev')), os.path.realpath('/dev/shm'))"
+    answer = attack(daemon, code)
+    # shm: a link to the run's own /tmp (POSIX semaphores, test_collusion_fs.py)
+    assert answer["stdout"] == "['full', 'null', 'random', 'shm', 'urandom', 'zero'] /tmp\n"
 
 
 def test_proc_self_mem_cannot_be_written(daemon: Daemon) -> None:

@@ -3,7 +3,9 @@
 # payload disk (which also holds the .deb, load.py and checks.env). Each check
 # is a function; `check GROUP FUNCTION` runs it and reports one line to
 # the host: PASS/FAIL NAME SECONDS [detail]. Groups: base (package and
-# sockets, no daemon needed), daemon (runs, limits, operation), purge.
+# sockets, no daemon needed), daemon (runs, limits, operation), collusion (two
+# attacker runs at once on this guest's kernel; needs base), faults (kill -9
+# of the zygote and of the service), purge.
 set -u
 export DEBIAN_FRONTEND=noninteractive LC_ALL=C.UTF-8
 # shellcheck source=/dev/null
@@ -25,7 +27,7 @@ check() {
         report "SKIP $name (group $group not selected)"
         return
     fi
-    if [ "$group" = daemon ] && [ -n "$daemon_down" ]; then
+    if [[ $group = daemon || $group = collusion ]] && [ -n "$daemon_down" ]; then
         failures=$((failures + 1))
         report "FAIL $name 0.0s: not run: the daemon did not start (first_request_starts_the_service)"
         return
@@ -346,6 +348,220 @@ never_restarted_by_failure_or_watchdog() {
     expect "restarts" "$(systemctl show -P NRestarts sandboxd.service)" 0
 }
 
+# Two colluding runs at once, on this guest's kernel: a root fd walked to the host,
+# locks and watches on the shared tree, /dev/shm, stdout held past the deadline
+# (tests/system/collusion.py; the code is the integration tests').
+runs_share_no_file_channel() {
+    timeout 300 python3 "$PAYLOAD/collusion.py" "$SOCK"
+}
+
+# --- collusion: two attacker runs at once share no socket (kernel 6.1 here) ---------
+
+MARKER=ESCAPED-7f3a
+STAMP_PY='import atexit, time; print("START", time.monotonic()); atexit.register(lambda: print("END", time.monotonic()))'
+STAMP_JS='const hr = () => Number(process.hrtime.bigint()) / 1e9; console.log("START", hr()); process.on("exit", () => console.log("END", hr()));'
+
+stamped() { if [ "$1" = python3 ]; then printf '%s\n%s' "$STAMP_PY" "$2"; else printf '%s\n%s' "$STAMP_JS" "$2"; fi; }
+
+# together ROUTE LANG_A CODE_A LANG_B CODE_B: both runs at once (ROUTE native, or
+# dify with enable_network); fails if the marker shows, a run is not ok, or the two
+# runs did not overlap in time.
+together() {
+    local route=$1 one
+    if [ "$route" = native ]; then
+        run_json "$2" "$(stamped "$2" "$3")" >"$WORK/tenant-a" &
+        one=$!
+        run_json "$4" "$(stamped "$4" "$5")" >"$WORK/tenant-b"
+    else
+        dify_run "$2" "$(stamped "$2" "$3")" true >"$WORK/tenant-a" &
+        one=$!
+        dify_run "$4" "$(stamped "$4" "$5")" true >"$WORK/tenant-b"
+    fi
+    wait "$one"
+    python3 - "$route" "$MARKER" "$WORK/tenant-a" "$WORK/tenant-b" <<'PY'
+import json, sys
+route, marker, *paths = sys.argv[1:]
+spans = []
+for path in paths:
+    text = open(path).read()
+    if marker in text:
+        sys.exit(f"escaped: {text}")
+    if route == "native":
+        result = json.loads(text)
+        if result.get("status") != "ok":
+            sys.exit(f"not ok: {text}")
+        text = result["stdout"]
+    stamps = dict(line.split()[:2] for line in text.splitlines() if line.split()[:1] in (["START"], ["END"]))
+    if set(stamps) != {"START", "END"}:
+        sys.exit(f"a run did not start or end: {text}")
+    spans.append((float(stamps["START"]), float(stamps["END"])))
+(a0, a1), (b0, b1) = spans
+if not (a0 < b1 and b0 < a1):
+    sys.exit(f"the runs did not overlap: {spans}")
+print("overlapped, no escape")
+PY
+}
+
+ABSTRACT_OFFER_PY='
+import os, socket, time
+end = time.monotonic() + 4
+try:
+    s = socket.socket(socket.AF_UNIX); s.bind("\0x"); s.listen(1); s.settimeout(4)
+    c, _ = s.accept(); print("ESCAPED-7f3a accepted")
+    socket.send_fds(c, [b"x"], [os.open("/", os.O_RDONLY)])
+except OSError as error:
+    print("closed:", error)
+time.sleep(max(0, end - time.monotonic()))'
+ABSTRACT_TRY_PY='
+import os, socket, time
+end = time.monotonic() + 4
+while time.monotonic() < end:
+    try:
+        s = socket.socket(socket.AF_UNIX); s.connect("\0x")
+    except OSError:
+        time.sleep(0.05); continue
+    _, fds, _, _ = socket.recv_fds(s, 10, 4); os.fchdir(fds[0])
+    for _ in range(30): os.chdir("..")
+    print("ESCAPED-7f3a", os.listdir(".")); break'
+ABSTRACT_OFFER_JS='
+const net = require("net");
+const server = net.createServer((c) => { console.log("ESCAPED-7f3a accepted"); c.destroy(); });
+server.on("error", (e) => console.log("closed:", e.code));
+server.listen("\0x"); setTimeout(() => server.close(), 4000);'
+TAKE_PORT_PY='
+import errno, socket, time
+end, held = time.monotonic() + 4, {}
+while time.monotonic() < end:
+    for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+        if kind in held: continue
+        s = socket.socket(socket.AF_INET, kind)
+        try:
+            s.bind(("0.0.0.0", 8080)); held[kind] = s
+        except OSError as error:
+            s.close()
+            if error.errno == errno.EADDRINUSE: print("ESCAPED-7f3a port held by another run")
+    time.sleep(0.1)'
+LISTEN_PY='
+import select, socket, time
+socks = []
+for host, kind in (("0.0.0.0", socket.SOCK_STREAM), ("127.0.0.1", socket.SOCK_DGRAM)):
+    s = socket.socket(socket.AF_INET, kind)
+    try:
+        s.bind((host, 8081))
+        if kind == socket.SOCK_STREAM: s.listen(4)
+        socks.append(s)
+    except OSError as error:
+        print("closed:", error)
+end = time.monotonic() + 4
+while time.monotonic() < end:
+    if select.select(socks, [], [], 0.2)[0]: print("ESCAPED-7f3a heard another run"); break'
+REACH_PY='
+import socket, time
+end = time.monotonic() + 4
+while time.monotonic() < end:
+    try:
+        socket.create_connection(("127.0.0.1", 8081), timeout=0.2).close(); print("ESCAPED-7f3a tcp")
+    except OSError:
+        pass
+    try:
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b"x", ("127.0.0.1", 8081))
+    except OSError:
+        pass
+    time.sleep(0.1)'
+
+runs_share_no_abstract_socket() {
+    together native python3 "$ABSTRACT_OFFER_PY" python3 "$ABSTRACT_TRY_PY" || return 1
+    together native nodejs "$ABSTRACT_OFFER_JS" python3 "$ABSTRACT_TRY_PY"
+}
+
+runs_share_no_port() {
+    together native python3 "$TAKE_PORT_PY" python3 "$TAKE_PORT_PY" || return 1
+    together native python3 "$LISTEN_PY" python3 "$REACH_PY"
+}
+
+# The same with [network] mode = "allow": network runs share the egress namespace.
+network_runs_share_no_socket_or_port() {
+    local config=/etc/sandboxd/sandboxd.toml status=0
+    cp -a "$config" "$WORK/sandboxd.toml.collusion"
+    serve_with_network_allow "$config" || status=1
+    [ $status -eq 0 ] && { together dify python3 "$ABSTRACT_OFFER_PY" python3 "$ABSTRACT_TRY_PY" || status=1; }
+    [ $status -eq 0 ] && { together dify python3 "$TAKE_PORT_PY" python3 "$TAKE_PORT_PY" || status=1; }
+    [ $status -eq 0 ] && { together dify python3 "$LISTEN_PY" python3 "$REACH_PY" || status=1; }
+    cp -a "$WORK/sandboxd.toml.collusion" "$config"
+    systemctl restart sandboxd.service || return 1
+    return $status
+}
+
+# --- faults -----------------------------------------------------------------------
+
+zygote_pid() { pgrep -P "$(main_pid)" -f sandboxd.zygote | head -1; }
+
+# kill_the_zygote: SIGKILL the serving zygote, then wait (up to 180 s: the guest is
+# emulated) until another one serves python3 runs; prints how long that took.
+kill_the_zygote() {
+    local old start
+    old=$(zygote_pid)
+    [ -n "$old" ] || { echo "no zygote under pid $(main_pid)"; return 1; }
+    start=$(date +%s%N)
+    kill -KILL "$old"
+    while [ $(( $(date +%s%N) - start )) -lt 180000000000 ]; do
+        if [ -n "$(zygote_pid)" ] && [ "$(zygote_pid)" != "$old" ] \
+            && [ "$(sandboxd run -c 'print(12)' 2>/dev/null)" = 12 ]; then
+            echo "served again $(( ($(date +%s%N) - start) / 1000000 )) ms after the kill"
+            return 0
+        fi
+        sleep 0.2
+    done
+    echo "no new zygote served within 180 s"
+    return 1
+}
+
+# kill -9 of the zygote under socket activation: a new generation serves, with no
+# service restart, and every request of the load got an answer.
+killed_zygote_heals_without_restart() {
+    local pid restarts counts
+    expect "run" "$(sandboxd run -c 'print(11)')" 11 || return 1
+    pid=$(main_pid)
+    restarts=$(systemctl show -P NRestarts sandboxd.service)
+    counts=$(with_load kill_the_zygote) || { echo "$counts"; return 1; }
+    expect "refused and silent" "$(field "$counts" refused) $(field "$counts" silent)" "0 0" || { echo "$counts"; return 1; }
+    expect "main pid" "$(main_pid)" "$pid" || return 1
+    expect "restarts" "$(systemctl show -P NRestarts sandboxd.service)" "$restarts" || return 1
+    journalctl -u sandboxd.service --no-pager -o cat | grep -q "healed: generation" || { echo "no heal logged"; return 1; }
+    echo "$counts"
+}
+
+# stale_pool_cgroups PID: cgroups under sandboxd.slice that are neither the service's
+# nor a pool scope of daemon PID.
+stale_pool_cgroups() {
+    find /sys/fs/cgroup/sandboxd.slice -mindepth 1 -maxdepth 1 -type d -printf '%f\n' \
+        | grep -v -x -e sandboxd.service -e "sandboxd-pool-$1-[0-9]*\.scope"
+}
+
+# systemctl kill -s KILL: systemd restarts the daemon (Restart=on-failure), and the
+# killed daemon's pool scopes and cgroups are gone once the new one serves.
+killed_service_restarts_clean() {
+    local old new i stale
+    expect "run" "$(sandboxd run -c 'print(13)')" 13 || return 1
+    old=$(main_pid)
+    [ -n "$(pool_scopes)" ] || { echo "no pool scope while the daemon runs"; return 1; }
+    systemctl kill -s KILL sandboxd.service || return 1
+    for i in $(seq 480); do
+        new=$(main_pid)
+        [ "$new" != 0 ] && [ "$new" != "$old" ] && [ "$(systemctl is-active sandboxd.service)" = active ] && break
+        sleep 0.5
+    done
+    [ "$new" != "$old" ] || { echo "not restarted"; return 1; }
+    expect "run after the restart" "$(sandboxd run -c 'print(14)')" 14 || return 1
+    for i in $(seq 60); do
+        stale=$(pool_scopes | grep -v -x "sandboxd-pool-$new-[0-9]*\.scope"; stale_pool_cgroups "$new")
+        [ -z "$stale" ] && break
+        sleep 0.5
+    done
+    [ -z "$stale" ] || { echo "stale after 30 s: $stale"; return 1; }
+    echo "old pid $old, new pid $new, scopes: $(pool_scopes | tr '\n' ' ')"
+}
+
 # --- purge ------------------------------------------------------------------------
 
 purge_leaves_nothing() {
@@ -377,9 +593,13 @@ check daemon nodejs_over_unix_socket
 check daemon python_over_http
 check daemon nodejs_over_http
 check daemon http_requires_the_api_key
+check collusion runs_share_no_abstract_socket
+check collusion runs_share_no_port
+check collusion network_runs_share_no_socket_or_port
 check daemon memory_bomb_gets_memory_verdict
 check daemon fork_bomb_gets_tasks_verdict
 check daemon non_member_is_refused_member_is_served
+check daemon runs_share_no_file_channel
 check daemon reload_keeps_serving
 check daemon restart_refuses_no_one
 check daemon units_are_only_the_live_pool
@@ -387,6 +607,8 @@ check daemon stop_finishes_in_flight_runs
 check daemon stop_leaves_no_pool_scope
 check daemon network_allow_mode_serves
 check daemon never_restarted_by_failure_or_watchdog
+check faults killed_zygote_heals_without_restart
+check faults killed_service_restarts_clean
 check purge purge_leaves_nothing
 
 if [ $failures -gt 0 ]; then

@@ -64,6 +64,8 @@ def main() -> int:
             "checks.sh": args.checks,
             "checks.env": settings,
             "load.py": HERE / "load.py",
+            "collusion.py": HERE / "collusion.py",
+            "collusion_fs_cases.py": HERE.parent / "integration" / "collusion_fs_cases.py",
         },
     )
     timings.append(("payload disk", since(started)))

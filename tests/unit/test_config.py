@@ -425,3 +425,9 @@ def test_readme_documents_every_config_key_with_its_default() -> None:
     assert set(documented) == set(expected)
     for key, text in documented.items():
         assert tomllib.loads(f"v = {text}")["v"] == expected[key], key
+
+
+def test_byte_budget_must_hold_the_largest_request_with_its_copies(tmp_path: Path) -> None:
+    message = error_of(tmp_path, "[clients]\nmax_buffered_bytes = 1000\n")
+    assert message.startswith("clients.max_buffered_bytes = 1000 (")
+    assert ">= 3 x server.max_line_bytes" in message

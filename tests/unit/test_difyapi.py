@@ -511,7 +511,30 @@ async def test_native_run_service_errors_keep_their_code(error: Any, status: int
         "POST", "/v1/run", {"id": 7, "language": "python3", "code": "1"}, service=service
     )
     assert response.status == status
-    assert json.loads(response.body) == {"id": 7, "error": {"code": error, "message": "no"}}
+    detail = {"code": error, "message": "no"}
+    if status == 503:
+        detail["retry_after"] = 1
+        assert (b"retry-after", b"1") in response.extra_headers
+    assert json.loads(response.body) == {"id": 7, "error": detail}
+
+
+async def test_native_run_with_network_in_reject_mode_is_400_in_the_native_envelope() -> None:
+    service = FakeService()
+    cfg = config(network=NetworkConfig(mode="reject"))
+    body = {"id": 3, "language": "python3", "code": "1", "enable_network": True}
+    response = await call("POST", "/v1/run", body, service=service, cfg=cfg)
+    assert response.status == 400
+    assert json.loads(response.body) == {
+        "id": 3, "error": {"code": "bad_request", "message": difyapi.NETWORK_DISABLED}
+    }  # fmt: skip
+    assert service.jobs == []
+
+
+async def test_dify_overloaded_is_503_with_retry_after() -> None:
+    service = FakeService(ProtocolError("overloaded", "queue full"))
+    response = await call("POST", "/v1/sandbox/run", RUN, service=service)
+    assert response.status == 503
+    assert (b"retry-after", b"1") in response.extra_headers
 
 
 async def test_native_run_network_is_off_unless_allowed() -> None:

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from sandboxd.protocol import (
+    RETRY_AFTER_SECONDS,
     ErrorReply,
     LineBuffer,
     LineTooLong,
@@ -113,8 +114,28 @@ def test_result_encodes_as_one_line() -> None:
 
 
 def test_error_reply_encodes() -> None:
+    line = encode(ProtocolError("bad_request", "no").reply("x"))
+    assert json.loads(line) == {"id": "x", "error": {"code": "bad_request", "message": "no"}}
+
+
+def test_overloaded_reply_says_when_to_retry() -> None:
     line = encode(ProtocolError("overloaded", "busy").reply("x"))
-    assert json.loads(line) == {"id": "x", "error": {"code": "overloaded", "message": "busy"}}
+    error = {"code": "overloaded", "message": "busy", "retry_after": RETRY_AFTER_SECONDS}
+    assert json.loads(line) == {"id": "x", "error": error}
+
+
+def test_deep_nesting_is_a_typed_error_on_every_field() -> None:
+    deep = b"[" * 100_000 + b"]" * 100_000
+    for line in (
+        b'{"language":"python3","code":' + b"[" * 1100 + b"]" * 1100 + b"}",
+        b'{"id": 5, "language":"python3","code":' + deep + b"}",
+        b'{"id": 5, "language":"python3","code":"1","extra":' + deep + b"}",
+        b'{"extra":' + deep + b', "id": 5}',
+        deep,
+        b"{" * 100_000,
+    ):
+        reply = _error(line)
+        assert reply.error.code == "bad_request"
 
 
 def test_line_buffer_splits_and_keeps_partial_lines() -> None:

@@ -17,12 +17,16 @@ import seccomp as libseccomp
 from sandboxd.jail import libc
 from sandboxd.jail import seccomp as policy_module
 from sandboxd.jail.seccomp import (
+    AF_INET,
+    AF_INET6,
+    AF_UNIX,
     ARG_RULES,
     POLICIES,
     REFUSED,
     TCGETS,
     TIOCGWINSZ,
     TIOCSTI,
+    ArgRule,
     Policy,
     UnknownSyscallError,
     build_program,
@@ -202,7 +206,7 @@ def test_node_gets_enosys_from_io_uring() -> None:
 
 
 def test_an_unlisted_call_kills(program: bytes) -> None:
-    assert verdict(program, nr("inotify_init1")) == KILL_PROCESS
+    assert verdict(program, nr("vmsplice")) == KILL_PROCESS
 
 
 def test_foreign_abis_are_killed(program: bytes) -> None:
@@ -255,3 +259,73 @@ def test_prctl_is_limited_to_a_few_options(program: bytes) -> None:
     assert verdict(program, nr("prctl"), (pr_set_name,)) == ALLOW
     for option in (pr_set_dumpable, pr_set_seccomp, pr_set_mm):
         assert verdict(program, nr("prctl"), (option,)) == errno_verdict(errno.EPERM)
+
+
+# Channels through the shared read-only tree: locks, leases, dnotify, inotify, fanotify.
+F_GETLK, F_SETLK, F_SETLKW, F_SETOWN = 5, 6, 7, 8
+F_OFD_GETLK, F_OFD_SETLK, F_OFD_SETLKW = 36, 37, 38
+F_SETLEASE, F_GETLEASE, F_NOTIFY = 1024, 1025, 1026
+
+
+@pytest.mark.parametrize("high_word", [0, 1 << 32])
+def test_fcntl_keeps_descriptor_flags_and_refuses_locks_leases_and_dnotify(
+    program: bytes, high_word: int
+) -> None:
+    fcntl = nr("fcntl")
+    for command in (0, 1, 2, 3, 4, 1030, 1031, 1032, 1033, 1034):  # dup, flags, pipes, seals
+        assert verdict(program, fcntl, (3, high_word | command)) == ALLOW, command
+    refused = (F_GETLK, F_SETLK, F_SETLKW, F_SETOWN, F_OFD_GETLK, F_OFD_SETLK, F_OFD_SETLKW,
+               F_SETLEASE, F_GETLEASE, F_NOTIFY)
+    for command in refused:
+        assert verdict(program, fcntl, (3, high_word | command)) == errno_verdict(errno.ENOSYS)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["flock", "inotify_init", "inotify_init1", "inotify_add_watch", "inotify_rm_watch",
+     "fanotify_init"],
+)
+def test_lock_and_watch_calls_answer_enosys(program: bytes, name: str) -> None:
+    if nr(name) >= 0:  # inotify_init is x86_64 only
+        assert verdict(program, nr(name)) == errno_verdict(errno.ENOSYS)
+
+# --- sockets: per-run network namespace without network, refusals with it ------------------
+
+SOCK_DGRAM = 2
+SOCK_NONBLOCK_CLOEXEC = 0o4000 | 0o2000000
+
+
+@pytest.mark.parametrize("name", ["bind", "listen"])
+def test_a_run_with_network_cannot_bind_or_listen(language: str, name: str) -> None:
+    program = compile_policy(language, network=True)
+    assert verdict(program, nr(name)) == errno_verdict(errno.EACCES)
+    assert verdict(compile_policy(language), nr(name)) == ALLOW  # alone in its namespace
+
+
+def test_a_run_with_network_gets_no_unix_socket_but_ip_sockets(language: str) -> None:
+    program = compile_policy(language, network=True)
+    assert verdict(program, nr("socket"), (AF_UNIX, 1)) == errno_verdict(errno.EACCES)
+    for family in (AF_INET, AF_INET6):
+        assert verdict(program, nr("socket"), (family, 1)) == ALLOW
+
+
+@pytest.mark.parametrize("kind", [1, 5, 1 | SOCK_NONBLOCK_CLOEXEC, 5 | SOCK_NONBLOCK_CLOEXEC])
+def test_a_run_with_network_keeps_stream_and_seqpacket_pairs(language: str, kind: int) -> None:
+    program = compile_policy(language, network=True)
+    assert verdict(program, nr("socketpair"), (AF_UNIX, kind)) == ALLOW
+
+
+@pytest.mark.parametrize(
+    ("family", "kind"),
+    [(AF_UNIX, SOCK_DGRAM), (AF_UNIX, SOCK_DGRAM | SOCK_NONBLOCK_CLOEXEC), (AF_UNIX, 3),
+     (AF_INET, 1), (30, 1), (AF_UNIX | 1 << 32, 1)],
+)  # fmt: skip
+def test_a_run_with_network_gets_no_other_socketpair(language: str, family: int, kind: int) -> None:
+    program = compile_policy(language, network=True)
+    assert verdict(program, nr("socketpair"), (family, kind)) == errno_verdict(errno.EACCES)
+
+
+def test_an_also_rule_without_errno_does_not_build() -> None:
+    rule = ArgRule("socketpair", 1, 0xF, (1,), None, also=((0, AF_UNIX),))
+    with pytest.raises(ValueError, match="needs an errno"):
+        build_program(Policy(allow=frozenset(), arg_rules=(rule,)))
