@@ -21,11 +21,13 @@ from pathlib import Path
 import trio
 
 from bench import daemon as daemons
+from bench import science
 from bench.load import Budget, run_cell
 from bench.report import Report, ratios, render, targets, to_json
 from bench.soak import SoakPlan, soak
 from bench.stats import Cell, summarize, unavailable
 from bench.systems import (
+    BASELINE_ENV,
     BASELINES,
     SANDBOXD,
     Baseline,
@@ -33,7 +35,7 @@ from bench.systems import (
     probe,
     sandboxd_clients,
 )
-from bench.workloads import READY, Workload, all_workloads, calibrate_loop
+from bench.workloads import READY, Workload, all_workloads, calibrate_loop, science_workloads
 
 # The system name of the --echo stand-in's rows.
 ECHO = "echo (runs nothing)"
@@ -94,7 +96,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument(
         "--workloads",
         type=_names,
-        help="keys: py-hello,py-loop5ms,py-dify,node-hello,node-dify (default all)",
+        help="keys: py-hello,py-loop5ms,py-dify,node-hello,node-dify (default all of those); "
+        "py-numpy,py-pandas,py-plot need --state-dir of an environment holding them",
     )
     parser.add_argument(
         "--baselines", action=argparse.BooleanOptionalAction, default=True,
@@ -201,6 +204,7 @@ class DaemonBench:
                     break
         await trio.sleep(SETTLE_SECONDS)
         self.rss_warm = daemons.rss_kib(self.pid) if self.pid != 1 else None
+        await self._memory(daemon, missing)
         for workload in self.workloads:
             for clients in self.args.clients:
                 if workload.key in missing:
@@ -211,6 +215,19 @@ class DaemonBench:
                 self.progress.cell(cell)
         await trio.sleep(SETTLE_SECONDS)
         self.rss_after = daemons.rss_kib(self.pid) if self.pid != 1 else None
+
+    async def _memory(self, daemon: daemons.Daemon, missing: dict[str, str]) -> None:
+        """The zygote's RSS (what the warm modules cost once) and each workload's charge."""
+        if self.args.echo or self.pid is None:
+            return
+        plain, warm = science.template_rss_kib(self.pid)
+        self.progress.say(
+            f"RSS: zygote {science.mib(plain, 1024)}, "
+            f"data-science template {science.mib(warm, 1024)}"
+        )
+        for workload in (w for w in self.workloads if w.key not in missing):
+            charged = await science.charged_bytes(daemon.socket, workload)
+            self.progress.say(f"{workload.title}: charged {science.mib(charged, 1)} per run")
 
     async def _cell(self, daemon: daemons.Daemon, workload: Workload, clients: int) -> Cell:
         async with sandboxd_clients(
@@ -242,11 +259,20 @@ async def _baseline_workload(
     if not Path(baseline.argv[0]).exists():
         reason = f"n/a ({baseline.argv[0]} missing)"
         return [unavailable(baseline.name, workload.title, c, reason) for c in args.clients]
-    warm = baseline_run(baseline, workload)
+    env = BASELINE_ENV
+    if workload.science:
+        site = science.site_packages(args.state_dir)
+        reason = "n/a (no environment in the state dir)" if site is None else ""
+        if baseline.name != "python3 -c":
+            reason = "n/a (binds no jail environment)"
+        if reason or site is None:
+            return [unavailable(baseline.name, workload.title, c, reason) for c in args.clients]
+        env = science.baseline_env(site, tempfile.mkdtemp(prefix="sandboxd-bench-mpl-"))
+    warm = baseline_run(baseline, workload, env)
     for _ in range(min(args.warmup, 2)):
         await warm()
     for clients in args.clients:
-        runners = [baseline_run(baseline, workload) for _ in range(clients)]
+        runners = [baseline_run(baseline, workload, env) for _ in range(clients)]
         tally, seconds = await run_cell(runners, _budget(args))
         cell = summarize(baseline.name, workload.title, clients, tally, seconds)
         progress.cell(cell)
@@ -269,10 +295,11 @@ async def bench(args: argparse.Namespace, argv: Sequence[str]) -> Report:
     progress.say(f"~5 ms loop: {iterations} iterations ({loop_ms:.2f} ms here)")
     workloads = all_workloads(iterations)
     if args.workloads:
-        unknown = set(args.workloads) - {w.key for w in workloads}
+        known = workloads + science_workloads()
+        unknown = set(args.workloads) - {w.key for w in known}
         if unknown:
             raise SystemExit(f"unknown workloads: {', '.join(sorted(unknown))}")
-        workloads = [w for w in workloads if w.key in args.workloads]
+        workloads = [w for w in known if w.key in args.workloads]
     ours = DaemonBench(args, workloads, progress)
     daemon_exit = None
     with tempfile.TemporaryDirectory(prefix="sandboxd-bench-") as temp:

@@ -125,8 +125,10 @@ async def probe(socket_path: str, workload: Workload) -> Answer:
     return answer
 
 
-def baseline_run(baseline: Baseline, workload: Workload) -> RunOnce:
-    argv = baseline.command(workload.code)
+def baseline_run(
+    baseline: Baseline, workload: Workload, env: dict[str, str] = BASELINE_ENV
+) -> RunOnce:
+    argv = baseline.command(workload.baseline_code or workload.code)
 
     async def run_once() -> Outcome:
         start = time.perf_counter()
@@ -136,7 +138,7 @@ def baseline_run(baseline: Baseline, workload: Workload) -> RunOnce:
             capture_stdout=True,
             capture_stderr=True,
             check=False,
-            env=BASELINE_ENV,
+            env=env,
         )
         seconds = time.perf_counter() - start
         problem = judge_process(done.returncode, done.stdout, done.stderr, workload.expected)

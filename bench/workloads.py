@@ -21,6 +21,11 @@ class Workload:
     language: Language
     code: str
     expected: str  # stdout of a correct run, byte for byte
+    # What the spawn-per-run baselines run instead of `code` ("" for the same code).
+    baseline_code: str = ""
+    # Imports the jail's environment (numpy, pandas, matplotlib): the `python3 -c`
+    # baseline gets the same site-packages on PYTHONPATH.
+    science: bool = False
 
 
 # Dify's user code and inputs (the default "sum" example of a code node).
@@ -100,6 +105,33 @@ def calibrate_loop(target_ms: float = 5.0, rounds: int = 4) -> tuple[int, float]
         seconds = _loop_seconds(iterations, repeats=5)
         iterations = max(1, round(iterations * target_ms / 1000 / seconds))
     return iterations, _loop_seconds(iterations, repeats=5) * 1000
+
+
+_PLOT = "import matplotlib.pyplot as plt\nplt.plot([1, 2, 3], [2, 1, 3])\nprint('plotted')\n"
+
+
+def science_workloads() -> list[Workload]:
+    """numpy, a small DataFrame and a line plot (only with --workloads: they need an
+    environment holding those packages, e.g. --state-dir of a synced one). sandboxd
+    returns the open figure as PNG by itself; the baseline renders it explicitly."""
+    return [
+        Workload(
+            "py-numpy", "python3 numpy", "python3",
+            "import numpy as np\nprint(int((np.arange(100.0) @ np.ones(100)).item()))\n",
+            "4950\n", science=True,
+        ),
+        Workload(
+            "py-pandas", "python3 pandas DataFrame", "python3",
+            "import pandas as pd\nframe = pd.DataFrame({'a': [1, 2, 3], 'b': [4, 5, 6]})\n"
+            "print(int(frame.groupby('a')['b'].sum().sum()))\n",
+            "15\n", science=True,
+        ),
+        Workload(
+            "py-plot", "python3 plot as PNG", "python3", _PLOT, "plotted\n",
+            baseline_code="import io\n" + _PLOT + "plt.savefig(io.BytesIO(), format='png')\n",
+            science=True,
+        ),
+    ]  # fmt: skip
 
 
 # What the bench sends to see whether a daemon answers at all.

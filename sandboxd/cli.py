@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import msgspec
 
-from sandboxd import __version__, deps_cli
+from sandboxd import __version__, deps_cli, runfiles
 from sandboxd.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 
 EXIT_TIMEOUT = 124
@@ -88,6 +88,20 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--memory", type=int, metavar="MIB", help="memory limit in MiB (capped)")
     run.add_argument("--stdin", metavar="TEXT", help="text the code reads on its stdin")
     run.add_argument("--json", action="store_true", help="print the whole result as JSON")
+    run.add_argument(
+        "--file",
+        dest="send_files",
+        action="append",
+        default=[],
+        metavar="F",
+        help="send file F, written into the run's working directory under its base name "
+        "(repeatable; python3)",
+    )
+    run.add_argument(
+        "--out",
+        metavar="DIR",
+        help="write the figures the run left open and the files it wrote under /tmp/out into DIR",
+    )
     source = run.add_mutually_exclusive_group(required=True)
     source.add_argument("-c", dest="code", metavar="CODE", help="the code itself")
     source.add_argument("file", nargs="?", metavar="FILE", help="a file of code, or - for stdin")
@@ -200,6 +214,12 @@ def _run(args: argparse.Namespace) -> int:
         if value is not None:
             request[key] = value
     try:
+        if args.send_files:
+            request["files"] = runfiles.request_files(args.send_files)
+    except runfiles.RunFilesError as error:
+        print(f"sandboxd run: {error}", file=sys.stderr)
+        return EXIT_SANDBOX_ERROR
+    try:
         answer = _exchange(args.socket, request)
     except (OSError, ValueError) as error:
         print(f"sandboxd run: cannot talk to the daemon at {args.socket}: {error}", file=sys.stderr)
@@ -216,6 +236,12 @@ def _run(args: argparse.Namespace) -> int:
         sys.stdout.write(str(answer["stdout"]))
         sys.stdout.flush()
         sys.stderr.write(str(answer["stderr"]))
+    if args.out is not None:
+        try:
+            runfiles.save(answer, args.out)
+        except runfiles.RunFilesError as error:
+            print(f"sandboxd run: {error}", file=sys.stderr)
+            return EXIT_SANDBOX_ERROR
     status = answer["status"]
     if status not in ("ok", "error") and not args.json:
         print(f"sandboxd run: the run ended with status {status}", file=sys.stderr)

@@ -126,6 +126,9 @@ class PythonConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     enable_preload: bool = False
     # System calls added to the python3 seccomp allow-list, by name (ALLOWED_SYSCALLS).
     extra_syscalls: list[str] = msgspec.field(default_factory=list)
+    # Modules (comma-separated) the zygote imports from the jail's environment before
+    # forking workers, each only when installed; matplotlib runs with the Agg backend.
+    warm_modules: str = "numpy,pandas,matplotlib.pyplot"
 
 
 class NodeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

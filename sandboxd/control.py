@@ -24,6 +24,8 @@ class SpawnOrder(msgspec.Struct, frozen=True, tag=True):
     cgroup_procs: list[str] = []
     # Join the egress network namespace instead of a network namespace of its own.
     network: bool = False
+    # Fork it from the data-science template (profiles.SCIENCE) instead of the zygote.
+    profile: str = ""
 
 
 class Spawned(msgspec.Struct, frozen=True, tag=True):
@@ -66,6 +68,10 @@ class JobHeader(msgspec.Struct, frozen=True):
     preload: str
     timeout: float
     memory_mb: int
+    # The request's files (written into the working directory before the code runs).
+    files: dict[str, bytes] = {}
+    # Starts the trailer of images and files on stdout (artifacts.py); "" for none.
+    boundary: str = ""
 
 
 # The first message on the zygote's control socket.

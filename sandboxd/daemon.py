@@ -97,6 +97,9 @@ def build_spec(config: Config, cgroups_in_force: bool) -> tuple[JailSpec, dict[s
             "python3": list(config.python3.extra_syscalls),
             "nodejs": list(config.nodejs.extra_syscalls),
         },
+        python_warm_modules=[
+            m.strip() for m in config.python3.warm_modules.split(",") if m.strip()
+        ],
     )
     return spec, unavailable
 
@@ -332,7 +335,10 @@ async def reload(
 
 
 def _named_pools(dispatcher: Dispatcher) -> list[tuple[str, Pool]]:
-    return [(p.language + ("+net" if p.network else ""), p) for p in dispatcher.pools.values()]
+    return [
+        (p.language + (f"+{p.profile}" if p.profile else "") + ("+net" if p.network else ""), p)
+        for p in dispatcher.pools.values()
+    ]
 
 
 def describe_pools(dispatcher: Dispatcher) -> str:

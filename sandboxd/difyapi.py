@@ -34,6 +34,7 @@ from urllib.parse import parse_qs, urlsplit
 import msgspec
 
 from sandboxd import protocol
+from sandboxd.artifacts import Artifact
 from sandboxd.config import Config
 from sandboxd.jobs import Dependency, Job, Service, job_from_request
 from sandboxd.metrics import Metrics
@@ -90,11 +91,14 @@ class Envelope(msgspec.Struct, frozen=True):
     data: object | None
 
 
-class RunData(msgspec.Struct, frozen=True):
+class RunData(msgspec.Struct, frozen=True, omit_defaults=True):
     stdout: str
     stderr: str
     error: str
     exit_code: int
+    # matplotlib figures the run left open, as PNG; left out when there are none, so the
+    # answer is dify-sandbox's own (Dify ignores fields it does not know).
+    images: list[Artifact] = []
 
 
 class DependencyList(msgspec.Struct, frozen=True):
@@ -266,6 +270,7 @@ def dify_result(result: RunResult) -> Response:
             stderr=result.stderr,
             error=error_text(result),
             exit_code=_exit_code(result),
+            images=result.images,
         )
     )
 

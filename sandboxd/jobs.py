@@ -11,6 +11,7 @@ from typing import Protocol
 
 import msgspec
 
+from sandboxd import inputfiles
 from sandboxd.config import Config
 from sandboxd.protocol import Language, ProtocolError, RequestId, RunRequest, RunResult
 
@@ -26,6 +27,8 @@ class Job(msgspec.Struct, frozen=True):
     stdin: str = ""
     # Code run in the jail right before `code` (dify-sandbox's preload), "" for none.
     preload: str = ""
+    # Files written into the run's working directory first (inputfiles.py checked them).
+    files: dict[str, bytes] = {}
 
 
 class Dependency(msgspec.Struct, frozen=True):
@@ -74,6 +77,8 @@ def job_from_request(request: RunRequest, config: Config) -> Job:
     if request.enable_network and config.network.mode == "reject":
         raise ProtocolError("bad_request", NETWORK_DISABLED)
     language: Language = "nodejs" if request.language == "nodejs" else "python3"
+    if request.files and language != "python3":
+        raise ProtocolError("bad_request", "files: only python3 runs take files")
     return Job(
         language=language,
         code=request.code,
@@ -81,4 +86,5 @@ def job_from_request(request: RunRequest, config: Config) -> Job:
         memory_mb=capped_memory(request.memory_mb, config),
         network=request.enable_network and config.network.mode == "allow",
         stdin=request.stdin,
+        files=inputfiles.decode(request.files),
     )

@@ -40,7 +40,7 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from sandboxd import control, deps, zygote
+from sandboxd import control, deps, profiles, zygote
 from sandboxd.config import Config, effective_pool_size
 from sandboxd.control import SpawnFailed, SpawnOrder, ZygoteStart
 from sandboxd.jail import JailSpec
@@ -56,7 +56,8 @@ from sandboxd.worker import Worker
 log = logging.getLogger("sandboxd.pool")
 
 # A pool per language, and per whether its workers have network.
-PoolKey = tuple[Language, bool]
+# (language, with network, profile: profiles.PLAIN or profiles.SCIENCE)
+PoolKey = tuple[Language, bool, str]
 SpecBuilder = Callable[[Config, bool], tuple[JailSpec, dict[str, str]]]
 
 # Consecutive spawn failures after which requests fail fast instead of waiting.
@@ -160,13 +161,20 @@ class Pool:
     """Ready workers of one language, all forked by one generation's zygote."""
 
     def __init__(
-        self, generation: Generation, language: Language, size: int, network: bool = False
+        self,
+        generation: Generation,
+        language: Language,
+        size: int,
+        network: bool = False,
+        profile: str = profiles.PLAIN,
     ) -> None:
         self.generation = generation
         self.dispatcher = generation.dispatcher
         self.language = language
         # Whether its workers live in the egress network namespace.
         self.network = network
+        # Which template forks its workers (profiles.py).
+        self.profile = profile
         self.size = size
         self.preparing = 0
         self._send, self._receive = trio.open_memory_channel[Worker](size)
@@ -198,7 +206,9 @@ class Pool:
         worker: Worker | None = None
         offered = False
         try:
-            worker = await self.dispatcher.new_worker(self.generation, self.language, self.network)
+            worker = await self.dispatcher.new_worker(
+                self.generation, self.language, self.network, self.profile
+            )
             with trio.fail_after(READY_TIMEOUT):
                 await worker.wait_ready()
             self._send.send_nowait(worker)
@@ -279,7 +289,7 @@ class Generation:
             "nodejs": config.nodejs.pool_size,
         }
         self.pools: dict[PoolKey, Pool] = {
-            (language, False): Pool(self, language, effective_pool_size(size))
+            (language, False, profiles.PLAIN): Pool(self, language, effective_pool_size(size))
             for language, size in sizes.items()
             if language in spec.roots
         }
@@ -289,7 +299,18 @@ class Generation:
             for language, size in sizes.items():
                 if language in spec.roots:
                     net_size = max(1, effective_pool_size(size) // 2)
-                    self.pools[(language, True)] = Pool(self, language, net_size, network=True)
+                    self.pools[(language, True, profiles.PLAIN)] = Pool(
+                        self, language, net_size, network=True
+                    )
+        if spec.python_warm_modules and spec.python_site_packages is not None:
+            # Runs that import a warm module get workers of the data-science template,
+            # half as many as their plain twins (the same network split).
+            for language, network, _ in list(self.pools):
+                if language == "python3":
+                    size = max(1, self.pools[(language, network, profiles.PLAIN)].size // 2)
+                    self.pools[(language, network, profiles.SCIENCE)] = Pool(
+                        self, language, size, network, profiles.SCIENCE
+                    )
         self.number = next(dispatcher.generations)
         self.live_workers = 0
         # Set when the zygote died on its own: the generation serves nothing more.
@@ -517,7 +538,8 @@ class Dispatcher:
         """The current generation's pool for `key`, once the generation is alive."""
         while self.generation.dead:
             await self._switched.wait()
-        return self.pools[key]
+        language, network, _ = key
+        return self.pools.get(key) or self.pools[(language, network, profiles.PLAIN)]
 
     def why_unavailable(self) -> str | None:
         """Why a run cannot be taken now, or None (what GET /health reports)."""
@@ -576,7 +598,11 @@ class Dispatcher:
         return Limits(limits.memory_mb * MIB, limits.tasks, limits.cpu_percent)
 
     async def new_worker(
-        self, generation: Generation, language: str, network: bool = False
+        self,
+        generation: Generation,
+        language: str,
+        network: bool = False,
+        profile: str = profiles.PLAIN,
     ) -> Worker:
         worker_id = next(self._ids)
         uid = self.uids.acquire()
@@ -590,6 +616,7 @@ class Dispatcher:
                 uid,
                 cgroup.procs_files if cgroup is not None else [],
                 network,
+                profile,
             )
             fds = await generation.zygote.spawn(order)
         except BaseException:
@@ -647,10 +674,16 @@ class Dispatcher:
         self.admitted += 1
         self.metrics.set_queue_depth(max(0, self.admitted - self.config.limits.max_workers))
 
+    def _pool_key(self, job: Job) -> PoolKey:
+        warm = self.generation.spec.python_warm_modules if job.language == "python3" else []
+        return (job.language, job.network, profiles.choose((job.preload, job.code), warm))
+
     async def run(self, job: Job, request_id: RequestId) -> RunResult:
         if job.language in self.unavailable:
             raise ProtocolError("unsupported_language", self.unavailable[job.language])
-        pool = self.pools.get((job.language, job.network))
+        pool = self.pools.get(self._pool_key(job)) or self.pools.get(
+            (job.language, job.network, profiles.PLAIN)
+        )
         if pool is None:
             raise ProtocolError("unsupported_language", f"{job.language} is not served here")
         self._admit()
@@ -690,7 +723,7 @@ class Dispatcher:
                         worker = await pool.take()
                     except PoolRetired:
                         healing = self.generation.dead
-                        pool = await self._serving_pool((job.language, job.network))
+                        pool = await self._serving_pool(self._pool_key(job))
                         healing = False
             self.metrics.observe_queue_wait(job.language, trio.current_time() - started)
             if worker is None and healing:

@@ -19,6 +19,8 @@ from typing import Annotated, Literal, TypeVar
 
 import msgspec
 
+from sandboxd.artifacts import Artifact
+
 Language = Literal["python3", "nodejs"]
 LANGUAGES: tuple[Language, ...] = ("python3", "nodejs")
 
@@ -44,6 +46,8 @@ class RunRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     timeout: PositiveSeconds | None = None
     memory_mb: PositiveMiB | None = None
     enable_network: bool = False
+    # name -> base64 contents, written into the run's working directory (python3 only).
+    files: dict[str, str] = {}
 
 
 class RunResult(msgspec.Struct, frozen=True):
@@ -61,6 +65,9 @@ class RunResult(msgspec.Struct, frozen=True):
     peak_memory_bytes: int | None
     # What the daemon knows beyond the status, e.g. the name of a blocked system call.
     message: str | None = None
+    # matplotlib figures left open, as PNG; files the run wrote under /tmp/out.
+    images: list[Artifact] = []
+    files: list[Artifact] = []
 
 
 # Seconds an overloaded client is told to wait before it retries (HTTP Retry-After too).

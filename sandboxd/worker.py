@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from sandboxd import control
+from sandboxd import artifacts, control
 from sandboxd.control import Exited, JobHeader, Ready
 from sandboxd.jail.cgroup import RunCgroup, Usage
 from sandboxd.jobs import Job
@@ -63,6 +63,8 @@ class Outcome:
     cpu_ms: float
     peak_memory_bytes: int | None
     message: str | None = None
+    images: list[artifacts.Artifact] = field(default_factory=list)
+    files: list[artifacts.Artifact] = field(default_factory=list)
 
 
 class Worker:
@@ -151,8 +153,14 @@ class Worker:
         self, job: Job, deadline: float, output_cap: int, rlimit_memory_mb: int
     ) -> Outcome:
         """Run the job; rlimit_memory_mb 0 keeps the worker's backstop (cgroups enforce)."""
+        boundary = artifacts.new_boundary() if job.language == "python3" else ""
         header = JobHeader(
-            code=job.code, preload=job.preload, timeout=job.timeout, memory_mb=rlimit_memory_mb
+            code=job.code,
+            preload=job.preload,
+            timeout=job.timeout,
+            memory_mb=rlimit_memory_mb,
+            files=job.files,
+            boundary=boundary,
         )
         payload = control.frame_job(header) + job.stdin.encode()
         output = Output(output_cap)
@@ -175,7 +183,11 @@ class Worker:
             nursery.cancel_scope.cancel()  # stop feeding and reading: invariant 18
         wall_ms = (trio.current_time() - started) * 1000
         usage = self.cgroup.usage() if self.cgroup else None
+        split = artifacts.split(bytes(output.stdout), boundary)
+        output.stdout = bytearray(split.stdout)
         result = outcome(self.exited, output, timed_out or held_open, wall_ms, job, usage)
+        result.images, result.files = split.images, split.files
+        result.truncated = result.truncated or split.truncated
         if held_open:
             result.message = HELD_OPEN
         return result

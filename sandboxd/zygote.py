@@ -36,6 +36,7 @@ from sandboxd.jail import (
     rootfs,
     seccomp,
 )
+from sandboxd.runtimes import template
 
 # Readiness pipe of the worker while it prepares; closed before user code runs.
 READY_FD = 3
@@ -126,6 +127,8 @@ class Zygote:
             for network in (False, True)
         }
         self.egress_fd: int | None = None
+        # The data-science template's socket (None: there is none, or this is it).
+        self.template: socket.socket | None = None
 
     def prepare(self) -> None:
         # Opened before the zygote leaves the host's network namespace.
@@ -152,6 +155,7 @@ class Zygote:
         # Move every object the zygote made out of the collector's reach, so a worker's
         # garbage collections do not touch (and copy-on-write) the whole warm heap.
         gc.freeze()
+        self.template = template.start(self)
 
     def serve(self) -> NoReturn:
         while True:
@@ -163,7 +167,11 @@ class Zygote:
                 os._exit(0)  # the daemon is gone or done with this generation
             order = control.order_decoder.decode(packet)
             if isinstance(order, SpawnOrder):
-                self.spawn(order)
+                if order.profile and self.template is not None:
+                    if not template.relay(self.template, packet, self.sock, order.worker_id):
+                        self.template = None  # gone: later orders are served plain
+                else:
+                    self.spawn(order)
 
     def spawn(self, order: SpawnOrder) -> None:
         job_r, job_w = os.pipe()
@@ -181,6 +189,8 @@ class Zygote:
             return
         if pid == 0:
             self.sock.close()
+            if self.template is not None:
+                self.template.close()
             ours.close()
             for fd in (job_w, out_r, err_r):
                 os.close(fd)

@@ -9,7 +9,9 @@ Processes (all forked, none exec'd except node):
       (rootfs.py) and an empty network namespace (namespaces.py);
       seccomp programs compiled once (seccomp.py). It never holds a client
       or listening socket: it is spawned with only its control socket.
-  zygote ──fork──▶ keeper (root, trusted, never runs user code)
+  zygote ──fork──▶ data-science template (root, runtimes/template.py): the same,
+      with [python3] warm_modules imported; forks the data-science pools' keepers
+  zygote or template ──fork──▶ keeper (root, trusted, never runs user code)
       joins the egress network namespace if the worker is for runs with
       network (network.py); unshare(mount, pid, ipc, uts, and net for a
       worker without network: its own); forks the worker,
@@ -75,3 +77,5 @@ class JailSpec(msgspec.Struct, frozen=True):
     proxy_env: dict[str, str] = msgspec.field(default_factory=dict)
     # language -> system calls the admin added to its seccomp allow-list (extra_syscalls).
     extra_syscalls: dict[str, list[str]] = msgspec.field(default_factory=dict)
+    # Modules of the jail's environment the zygote imports before forking ([python3]).
+    python_warm_modules: list[str] = []

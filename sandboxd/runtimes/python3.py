@@ -28,6 +28,7 @@ from typing import NoReturn
 from sandboxd import control
 from sandboxd.control import JobHeader
 from sandboxd.jail import JailSpec, rlimits
+from sandboxd.runtimes import datascience
 
 # The whole environment a run sees; nothing of the host's is passed in.
 ENVIRONMENT = {
@@ -49,7 +50,7 @@ def prepare(spec: JailSpec) -> None:
     sys.path_importer_cache.clear()
     sys.argv[:] = ["-c"]
     os.environ.clear()
-    os.environ.update({**ENVIRONMENT, **spec.proxy_env})
+    os.environ.update({**ENVIRONMENT, **datascience.ENVIRONMENT, **spec.proxy_env})
 
 
 def _jail_module(module: object, jail_dirs: tuple[str, ...]) -> bool:
@@ -157,4 +158,8 @@ def start(spec: JailSpec, ready_fd: int) -> NoReturn:
     rlimits.lower_for_job(job.memory_mb, job.timeout)
     forget_bootstrap(spec)
     _set_stdio()
+    datascience.write_inputs(job.files)
+    if job.boundary:
+        atexit.register(datascience.after_code, job.boundary)
+        datascience.before_code()
     _shutdown(_run(job))

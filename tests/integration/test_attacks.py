@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from sandboxd.runtimes import datascience
 from tests.integration.conftest import Daemon
 
 MARKER = "ESCAPED-7f3a"
@@ -319,14 +320,10 @@ def test_worker_holds_only_its_stdio(daemon: Daemon) -> None:
 
 def test_environment_is_built_from_scratch(daemon: Daemon) -> None:
     answer = attack(daemon, "import os, json\nprint(json.dumps(sorted(os.environ)))")
-    assert json.loads(answer["stdout"]) == [
-        "HOME",
-        "LANG",
-        "PATH",
-        "PYTHONIOENCODING",
-        "TMPDIR",
-        "USER",
-    ]
+    # The data-science settings (one BLAS thread, matplotlib's backend and cache) too.
+    assert json.loads(answer["stdout"]) == sorted(
+        ["HOME", "LANG", "PATH", "PYTHONIOENCODING", "TMPDIR", "USER", *datascience.ENVIRONMENT]
+    )
 
 
 def test_daemon_survives_garbage_on_stdout_and_a_crash(daemon: Daemon) -> None:

@@ -124,11 +124,13 @@ def test_non_daemon_thread_finishes_before_exit(daemon: Daemon) -> None:
 
 def test_tmp_is_writable_and_gone_in_the_next_run(daemon: Daemon) -> None:
     first = daemon.run(
-        "import os\nopen('/tmp/left.txt', 'w').write('x')\nprint(os.getcwd(), os.listdir('.'))"
+        "import os\nopen('/tmp/left.txt', 'w').write('x')\n"
+        "print(os.getcwd(), sorted(os.listdir('.')))"
     )
-    assert first["stdout"] == "/tmp ['left.txt']\n"
-    second = daemon.run("import os; print(os.listdir('/tmp'))")
-    assert second["stdout"] == "[]\n"
+    # /tmp/out, where a run leaves files it wants back, is there (empty) in every run.
+    assert first["stdout"] == "/tmp ['left.txt', 'out']\n"
+    second = daemon.run("import os; print(os.listdir('/tmp'), os.listdir('/tmp/out'))")
+    assert second["stdout"] == "['out'] []\n"
 
 
 def test_state_of_one_run_is_invisible_to_the_next(daemon: Daemon) -> None:

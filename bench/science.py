@@ -1,0 +1,61 @@
+"""The data-science rows' extras: the baseline's environment, the zygote's RSS, and
+the memory one run is charged (its cgroup's peak, as the daemon reports it)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bench.client import Connection, RequestTemplate
+from bench.daemon import rss_kib
+from bench.systems import BASELINE_ENV
+from bench.workloads import Workload
+from sandboxd import deps
+from sandboxd.config import Config
+from sandboxd.runtimes.datascience import ENVIRONMENT
+
+
+def site_packages(state_dir: str | None) -> str | None:
+    """The live jail environment the daemon under test serves from."""
+    return deps.live_python_site_packages(state_dir or Config().server.state_dir)
+
+
+def baseline_env(site: str, cache_dir: str) -> dict[str, str]:
+    """`python3 -c` with the jail's packages and the jail's thread and backend settings;
+    a lasting matplotlib cache, so the baseline does not rebuild its font list per run."""
+    return {**BASELINE_ENV, **ENVIRONMENT, "PYTHONPATH": site, "MPLCONFIGDIR": cache_dir}
+
+
+def zygote_child(parent_pid: int) -> int | None:
+    """The child of parent_pid running sandboxd.zygote: the daemon's zygote, or the
+    zygote's data-science template (a fork of it, so the same command line)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = (entry / "stat").read_text().rsplit(")", 1)[1].split()[1]
+            command = (entry / "cmdline").read_bytes()
+        except (OSError, IndexError):
+            continue
+        if parent == str(parent_pid) and b"sandboxd.zygote" in command:
+            return int(entry.name)
+    return None
+
+
+def template_rss_kib(daemon_pid: int) -> tuple[int | None, int | None]:
+    """VmRSS of the plain zygote and of the data-science template (None: not found)."""
+    zygote = zygote_child(daemon_pid)
+    if zygote is None:
+        return None, None
+    template = zygote_child(zygote)
+    return rss_kib(zygote), rss_kib(template) if template is not None else None
+
+
+async def charged_bytes(socket: str, workload: Workload) -> int | None:
+    """peak_memory_bytes of one run of the workload (what its cgroup was charged)."""
+    async with await Connection.open(socket) as connection:
+        answer, _ = await connection.request(RequestTemplate(workload.language, workload.code))
+    return answer.peak_memory_bytes
+
+
+def mib(value: int | None, unit: int) -> str:
+    return "n/a" if value is None else f"{value * unit / (1 << 20):.1f} MiB"
