@@ -71,13 +71,8 @@ AF_INET6 = 10
 # purpose: in clone() that bit belongs to the exit signal, and the kernel only
 # takes it from clone3() and unshare(), both refused.
 CLONE_NAMESPACE_FLAGS = (
-    libc.CLONE_NEWNS
-    | libc.CLONE_NEWCGROUP
-    | libc.CLONE_NEWUTS
-    | libc.CLONE_NEWIPC
-    | libc.CLONE_NEWUSER
-    | libc.CLONE_NEWPID
-    | libc.CLONE_NEWNET
+    libc.CLONE_NEWNS | libc.CLONE_NEWCGROUP | libc.CLONE_NEWUTS | libc.CLONE_NEWIPC
+    | libc.CLONE_NEWUSER | libc.CLONE_NEWPID | libc.CLONE_NEWNET
 )
 
 LOW_32_BITS = 0xFFFFFFFF  # int arguments: the kernel ignores the high word
@@ -118,294 +113,87 @@ class Policy:
 # default kill; an errno table may answer one with an errno instead where a
 # runtime probes it (node: io_uring; numpy's OpenBLAS: mbind), but no table may
 # allow one: build_program() refuses.
-REFUSED: frozenset[str] = frozenset(
-    {
-        # kernel attack surface with a history, and nothing a snippet needs
-        "io_uring_setup",
-        "io_uring_enter",
-        "io_uring_register",
-        "bpf",
-        "userfaultfd",
-        "perf_event_open",
-        "keyctl",
-        "add_key",
-        "request_key",
-        "modify_ldt",
-        "lookup_dcookie",
-        "fanotify_init",
-        "kcmp",
-        # other processes' memory and file descriptors
-        "ptrace",
-        "process_vm_readv",
-        "process_vm_writev",
-        "pidfd_getfd",
-        "process_madvise",
-        # namespaces, mounts and the root directory
-        "unshare",
-        "setns",
-        "mount",
-        "umount2",
-        "pivot_root",
-        "chroot",
-        "fsopen",
-        "fsconfig",
-        "fsmount",
-        "fspick",
-        "move_mount",
-        "open_tree",
-        "mount_setattr",
-        "open_by_handle_at",
-        "name_to_handle_at",
-        # identity: the worker dropped to its uid before loading the filter
-        "setuid",
-        "setgid",
-        "setreuid",
-        "setregid",
-        "setresuid",
-        "setresgid",
-        "setgroups",
-        "setfsuid",
-        "setfsgid",
-        "capset",
-        # the machine itself
-        "kexec_load",
-        "kexec_file_load",
-        "init_module",
-        "finit_module",
-        "delete_module",
-        "create_module",
-        "reboot",
-        "swapon",
-        "swapoff",
-        "acct",
-        "quotactl",
-        "quotactl_fd",
-        "settimeofday",
-        "clock_settime",
-        "clock_adjtime",
-        "adjtimex",
-        "syslog",
-        "vhangup",
-        "iopl",
-        "ioperm",
-        "uselib",
-        "nfsservctl",
-        "_sysctl",
-        # execution domain and NUMA placement
-        "personality",
-        "mbind",
-        "migrate_pages",
-        "move_pages",
-        "set_mempolicy",
-        "set_mempolicy_home_node",
-        # more filters or a user-space supervisor: not needed inside the jail
-        "seccomp",
-        # flags live in memory seccomp cannot read (answered ENOSYS, see BASE_ERRNO)
-        "clone3",
-    }
-)
+REFUSED: frozenset[str] = frozenset({
+    # kernel attack surface with a history, and nothing a snippet needs
+    "io_uring_setup", "io_uring_enter", "io_uring_register",
+    "bpf", "userfaultfd", "perf_event_open", "keyctl", "add_key", "request_key",
+    "modify_ldt", "lookup_dcookie", "fanotify_init", "kcmp",
+    # other processes' memory and file descriptors
+    "ptrace", "process_vm_readv", "process_vm_writev", "pidfd_getfd", "process_madvise",
+    # namespaces, mounts and the root directory
+    "unshare", "setns", "mount", "umount2", "pivot_root", "chroot",
+    "fsopen", "fsconfig", "fsmount", "fspick", "move_mount", "open_tree", "mount_setattr",
+    "open_by_handle_at", "name_to_handle_at",
+    # identity: the worker dropped to its uid before loading the filter
+    "setuid", "setgid", "setreuid", "setregid", "setresuid", "setresgid",
+    "setgroups", "setfsuid", "setfsgid", "capset",
+    # the machine itself
+    "kexec_load", "kexec_file_load", "init_module", "finit_module", "delete_module",
+    "create_module", "reboot", "swapon", "swapoff", "acct", "quotactl", "quotactl_fd",
+    "settimeofday", "clock_settime", "clock_adjtime", "adjtimex",
+    "syslog", "vhangup", "iopl", "ioperm", "uselib", "nfsservctl", "_sysctl",
+    # execution domain and NUMA placement
+    "personality", "mbind", "migrate_pages", "move_pages", "set_mempolicy",
+    "set_mempolicy_home_node",
+    # more filters or a user-space supervisor: not needed inside the jail
+    "seccomp",
+    # flags live in memory seccomp cannot read (answered ENOSYS, see BASE_ERRNO)
+    "clone3",
+})
 
 # Allowed for every language: what glibc, CPython 3.11 and node 20 call.
-BASE_ALLOW: frozenset[str] = frozenset(
-    {
-        # memory
-        "brk",
-        "mmap",
-        "munmap",
-        "mprotect",
-        "mremap",
-        "madvise",
-        "msync",
-        "membarrier",  # JIT runtimes (V8) and glibc's sys_membarrier users
-        # threads and scheduling (threading, worker_threads, OpenBLAS/OpenMP pools)
-        "futex",
-        "set_robust_list",
-        "set_tid_address",
-        "rseq",
-        "gettid",
-        "sched_getaffinity",
-        "sched_setaffinity",
-        "sched_yield",
-        "getcpu",
-        "arch_prctl",  # x86_64 TLS set-up by glibc in every new process
-        "restart_syscall",  # the kernel restarts interrupted sleeps through it
-        # processes (clone is in ARG_RULES)
-        "execve",  # node's own start; python's subprocess of the jail's interpreter
-        "wait4",
-        "waitid",
-        "exit",
-        "exit_group",
-        "kill",
-        "tgkill",
-        "tkill",
-        "getpid",
-        "getppid",
-        "getuid",
-        "geteuid",
-        "getgid",
-        "getegid",
-        "getresuid",
-        "getresgid",
-        "getgroups",
-        "getpgrp",
-        "getpgid",
-        "getsid",
-        "setpgid",
-        "setsid",  # subprocess's process_group and start_new_session
-        "prlimit64",
-        "getrlimit",
-        "setrlimit",  # unprivileged: limits only go down
-        "getrusage",
-        "times",
-        "uname",
-        "sysinfo",
-        "umask",
-        "getrandom",
-        # time
-        "clock_gettime",
-        "clock_getres",
-        "clock_nanosleep",
-        "nanosleep",
-        "gettimeofday",
-        "time",
-        "alarm",
-        "setitimer",
-        "getitimer",
-        "timer_create",
-        "timer_settime",
-        "timer_gettime",
-        "timer_getoverrun",
-        "timer_delete",
-        "timerfd_create",
-        "timerfd_settime",
-        "timerfd_gettime",
-        # signals
-        "rt_sigaction",
-        "rt_sigprocmask",
-        "rt_sigreturn",
-        "rt_sigpending",
-        "rt_sigsuspend",
-        "rt_sigtimedwait",
-        "sigaltstack",
-        "signalfd",
-        "signalfd4",
-        "pause",
-        # waiting on descriptors (selectors, asyncio, libuv)
-        "poll",
-        "ppoll",
-        "select",
-        "pselect6",
-        "epoll_create",
-        "epoll_create1",
-        "epoll_ctl",
-        "epoll_wait",
-        "epoll_pwait",
-        "epoll_pwait2",
-        "eventfd",
-        "eventfd2",
-        # descriptors and reading files (imports, require)
-        "read",
-        "readv",
-        "pread64",
-        "preadv",
-        "preadv2",
-        "write",
-        "writev",
-        "pwrite64",
-        "pwritev",
-        "pwritev2",
-        "open",
-        "openat",
-        "creat",
-        "close",
-        "close_range",
-        "lseek",
-        "fcntl",
-        "flock",
-        "dup",
-        "dup2",
-        "dup3",
-        "pipe",
-        "pipe2",
-        "stat",
-        "fstat",
-        "lstat",
-        "newfstatat",
-        "statx",
-        "statfs",
-        "fstatfs",
-        "access",
-        "faccessat",
-        "faccessat2",
-        "readlink",
-        "readlinkat",
-        "getdents",
-        "getdents64",
-        "getcwd",
-        "chdir",
-        "fchdir",
-        # writing files in the private /tmp and working directory
-        "mkdir",
-        "mkdirat",
-        "rmdir",
-        "unlink",
-        "unlinkat",
-        "rename",
-        "renameat",
-        "renameat2",
-        "link",
-        "linkat",
-        "symlink",
-        "symlinkat",
-        "chmod",
-        "fchmod",
-        "fchmodat",
-        "utimes",
-        "utimensat",
-        "futimesat",
-        "truncate",
-        "ftruncate",
-        "fallocate",
-        "fadvise64",
-        "fsync",
-        "fdatasync",
-        "mknod",
-        "mknodat",  # os.mkfifo; device nodes need CAP_MKNOD, which the worker lacks
-        "memfd_create",
-        "sendfile",
-        "copy_file_range",
-        # extended attributes: shutil.copy2 copies them
-        "getxattr",
-        "lgetxattr",
-        "fgetxattr",
-        "listxattr",
-        "llistxattr",
-        "flistxattr",
-        "setxattr",
-        "lsetxattr",
-        "fsetxattr",
-        "removexattr",
-        "lremovexattr",
-        "fremovexattr",
-        # sockets (socket and socketpair are in ARG_RULES; the network namespace decides reach)
-        "bind",
-        "listen",
-        "accept",
-        "accept4",
-        "connect",
-        "getsockname",
-        "getpeername",
-        "sendto",
-        "recvfrom",
-        "sendmsg",
-        "recvmsg",
-        "sendmmsg",
-        "recvmmsg",
-        "shutdown",
-        "setsockopt",
-        "getsockopt",
-    }
-)
+BASE_ALLOW: frozenset[str] = frozenset({
+    # memory
+    "brk", "mmap", "munmap", "mprotect", "mremap", "madvise", "msync",
+    "membarrier",  # JIT runtimes (V8) and glibc's sys_membarrier users
+    # threads and scheduling (threading, worker_threads, OpenBLAS/OpenMP pools)
+    "futex", "set_robust_list", "set_tid_address", "rseq", "gettid",
+    "sched_getaffinity", "sched_setaffinity", "sched_yield", "getcpu",
+    "arch_prctl",  # x86_64 TLS set-up by glibc in every new process
+    "restart_syscall",  # the kernel restarts interrupted sleeps through it
+    # processes (clone is in ARG_RULES)
+    "execve",  # node's own start; python's subprocess of the jail's interpreter
+    "wait4", "waitid", "exit", "exit_group", "kill", "tgkill", "tkill",
+    "getpid", "getppid", "getuid", "geteuid", "getgid", "getegid",
+    "getresuid", "getresgid", "getgroups", "getpgrp", "getpgid", "getsid",
+    "setpgid", "setsid",  # subprocess's process_group and start_new_session
+    "prlimit64", "getrlimit", "setrlimit",  # unprivileged: limits only go down
+    "getrusage", "times", "uname", "sysinfo", "umask", "getrandom",
+    # time
+    "clock_gettime", "clock_getres", "clock_nanosleep", "nanosleep", "gettimeofday", "time",
+    "alarm", "setitimer", "getitimer",
+    "timer_create", "timer_settime", "timer_gettime", "timer_getoverrun", "timer_delete",
+    "timerfd_create", "timerfd_settime", "timerfd_gettime",
+    # signals
+    "rt_sigaction", "rt_sigprocmask", "rt_sigreturn", "rt_sigpending", "rt_sigsuspend",
+    "rt_sigtimedwait", "sigaltstack", "signalfd", "signalfd4", "pause",
+    # waiting on descriptors (selectors, asyncio, libuv)
+    "poll", "ppoll", "select", "pselect6",
+    "epoll_create", "epoll_create1", "epoll_ctl", "epoll_wait", "epoll_pwait", "epoll_pwait2",
+    "eventfd", "eventfd2",
+    # descriptors and reading files (imports, require)
+    "read", "readv", "pread64", "preadv", "preadv2",
+    "write", "writev", "pwrite64", "pwritev", "pwritev2",
+    "open", "openat", "creat", "close", "close_range", "lseek", "fcntl", "flock",
+    "dup", "dup2", "dup3", "pipe", "pipe2",
+    "stat", "fstat", "lstat", "newfstatat", "statx", "statfs", "fstatfs",
+    "access", "faccessat", "faccessat2", "readlink", "readlinkat",
+    "getdents", "getdents64", "getcwd", "chdir", "fchdir",
+    # writing files in the private /tmp and working directory
+    "mkdir", "mkdirat", "rmdir", "unlink", "unlinkat", "rename", "renameat", "renameat2",
+    "link", "linkat", "symlink", "symlinkat", "chmod", "fchmod", "fchmodat",
+    "utimes", "utimensat", "futimesat", "truncate", "ftruncate", "fallocate", "fadvise64",
+    "fsync", "fdatasync",
+    "mknod", "mknodat",  # os.mkfifo; device nodes need CAP_MKNOD, which the worker lacks
+    "memfd_create", "sendfile", "copy_file_range",
+    # extended attributes: shutil.copy2 copies them
+    "getxattr", "lgetxattr", "fgetxattr", "listxattr", "llistxattr", "flistxattr",
+    "setxattr", "lsetxattr", "fsetxattr", "removexattr", "lremovexattr", "fremovexattr",
+    # sockets (socket and socketpair are in ARG_RULES; the network namespace decides reach)
+    "bind", "listen", "accept", "accept4", "connect", "getsockname", "getpeername",
+    "sendto", "recvfrom", "sendmsg", "recvmsg", "sendmmsg", "recvmmsg", "shutdown",
+    "setsockopt", "getsockopt",
+})
 
 # Answered with an errno for every language.
 BASE_ERRNO: Mapping[str, int] = {
@@ -419,55 +207,31 @@ ARG_RULES: tuple[ArgRule, ...] = (
     ArgRule("clone", 0, CLONE_NAMESPACE_FLAGS, (0,), None),
     # terminal and descriptor queries; anything else (TIOCSTI among them) gets
     # EPERM, so libraries that probe terminals fail softly
-    ArgRule(
-        "ioctl",
-        1,
-        LOW_32_BITS,
-        (
-            TCGETS,  # isatty() in CPython and libuv
-            TIOCGWINSZ,  # shutil.get_terminal_size, process.stdout.columns
-            FIONREAD,  # bytes waiting on a pipe or socket
-            FIONBIO,  # libuv and CPython set O_NONBLOCK this way
-            FIOCLEX,
-            FIONCLEX,  # os.set_inheritable
-        ),
-        errno.EPERM,
-    ),
+    ArgRule("ioctl", 1, LOW_32_BITS, (
+        TCGETS,  # isatty() in CPython and libuv
+        TIOCGWINSZ,  # shutil.get_terminal_size, process.stdout.columns
+        FIONREAD,  # bytes waiting on a pipe or socket
+        FIONBIO,  # libuv and CPython set O_NONBLOCK this way
+        FIOCLEX, FIONCLEX,  # os.set_inheritable
+    ), errno.EPERM),
     ArgRule("socket", 0, LOW_32_BITS, (AF_UNIX, AF_INET, AF_INET6), errno.EAFNOSUPPORT),
     ArgRule("socketpair", 0, LOW_32_BITS, (AF_UNIX,), errno.EAFNOSUPPORT),
-    ArgRule(
-        "prctl",
-        0,
-        LOW_32_BITS,
-        (
-            PR_SET_NAME,
-            PR_GET_NAME,  # thread names (pthread_setname_np on itself)
-            PR_SET_VMA,  # glibc and V8 name anonymous mappings
-            PR_SET_PDEATHSIG,
-            PR_GET_PDEATHSIG,
-            PR_GET_DUMPABLE,
-            PR_GET_SECCOMP,
-            PR_GET_NO_NEW_PRIVS,
-            PR_CAPBSET_READ,  # read-only probes
-        ),
-        errno.EPERM,
-    ),
+    ArgRule("prctl", 0, LOW_32_BITS, (
+        PR_SET_NAME, PR_GET_NAME,  # thread names (pthread_setname_np on itself)
+        PR_SET_VMA,  # glibc and V8 name anonymous mappings
+        PR_SET_PDEATHSIG, PR_GET_PDEATHSIG, PR_GET_DUMPABLE,
+        PR_GET_SECCOMP, PR_GET_NO_NEW_PRIVS, PR_CAPBSET_READ,  # read-only probes
+    ), errno.EPERM),
 )
 
-PYTHON3_ALLOW: frozenset[str] = frozenset(
-    {
-        "vfork",  # subprocess: _posixsubprocess uses vfork() since 3.10
-    }
-)
+PYTHON3_ALLOW: frozenset[str] = frozenset({
+    "vfork",  # subprocess: _posixsubprocess uses vfork() since 3.10
+})
 
-NODEJS_ALLOW: frozenset[str] = frozenset(
-    {
-        "capget",  # node checks its capabilities at start-up
-        "pkey_alloc",
-        "pkey_free",
-        "pkey_mprotect",  # V8 memory protection keys
-    }
-)
+NODEJS_ALLOW: frozenset[str] = frozenset({
+    "capget",  # node checks its capabilities at start-up
+    "pkey_alloc", "pkey_free", "pkey_mprotect",  # V8 memory protection keys
+})
 
 NODEJS_ERRNO: Mapping[str, int] = {
     # libuv probes io_uring and falls back to its thread pool on ENOSYS

@@ -344,23 +344,15 @@ def test_host_files_are_not_visible(daemon: Daemon) -> None:
     )
     answer = node(daemon, code)
     assert answer["stdout"].splitlines() == [
-        "/etc/shadow ENOENT",
-        "/root ENOENT",
-        "/home ENOENT",
-        "/proc/1/environ ENOENT",
-        "/run ENOENT",
-        "group hostname hosts nsswitch.conf passwd ssl",
+        "/etc/shadow ENOENT", "/root ENOENT", "/home ENOENT", "/proc/1/environ ENOENT",
+        "/run ENOENT", "group hostname hosts nsswitch.conf passwd ssl",
     ]
 
 
 def test_environment_is_not_the_hosts(daemon: Daemon) -> None:
     answer = node(daemon, "console.log(JSON.stringify(process.env))")
     assert json.loads(answer["stdout"]) == {
-        "PATH": "/usr/bin",
-        "HOME": "/tmp",
-        "TMPDIR": "/tmp",
-        "LANG": "C.UTF-8",
-        "USER": "sandbox",
+        "PATH": "/usr/bin", "HOME": "/tmp", "TMPDIR": "/tmp", "LANG": "C.UTF-8", "USER": "sandbox",
         "NODE_PATH": "/opt/sandboxd/node_modules",
     }
 

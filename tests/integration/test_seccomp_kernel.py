@@ -180,8 +180,7 @@ SOFT_REFUSALS: dict[str, tuple[Callable[[int], int], int]] = {
     "tiocsti_with_high_bits_set": (lambda pty: tiocsti(pty, 1 << 32), errno.EPERM),
     "clone3": (lambda _: raw_syscall(nr("clone3"), 0, 0), errno.ENOSYS),
     "netlink_socket": (
-        lambda _: raw_syscall(nr("socket"), AF_NETLINK, SOCK_RAW, 0),
-        errno.EAFNOSUPPORT,
+        lambda _: raw_syscall(nr("socket"), AF_NETLINK, SOCK_RAW, 0), errno.EAFNOSUPPORT
     ),
     "prctl_set_dumpable": (lambda _: raw_syscall(nr("prctl"), PR_SET_DUMPABLE, 1), errno.EPERM),
 }
@@ -197,7 +196,9 @@ def pty() -> Iterator[int]:
 
 
 @pytest.mark.parametrize("attempt, error", SOFT_REFUSALS.values(), ids=SOFT_REFUSALS.keys())
-def test_python_worker_gets_an_errno(pty: int, attempt: Callable[[int], int], error: int) -> None:
+def test_python_worker_gets_an_errno(
+    pty: int, attempt: Callable[[int], int], error: int
+) -> None:
     assert_returns("python3", lambda: attempt(pty), error)
 
 
@@ -278,9 +279,7 @@ def test_subprocess_of_the_interpreter_works() -> None:
 
         done = subprocess.run(
             ["/usr/bin/python3", "-I", "-S", "-c", "print(6 * 7)"],
-            capture_output=True,
-            env={},
-            check=False,
+            capture_output=True, env={}, check=False,
         )
         return done.returncode, done.stdout
 

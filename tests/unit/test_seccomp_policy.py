@@ -221,15 +221,8 @@ def test_clone_for_threads_and_fork_is_allowed(program: bytes) -> None:
 
 @pytest.mark.parametrize(
     "flag",
-    [
-        libc.CLONE_NEWNS,
-        libc.CLONE_NEWCGROUP,
-        libc.CLONE_NEWUTS,
-        libc.CLONE_NEWIPC,
-        libc.CLONE_NEWUSER,
-        libc.CLONE_NEWPID,
-        libc.CLONE_NEWNET,
-    ],
+    [libc.CLONE_NEWNS, libc.CLONE_NEWCGROUP, libc.CLONE_NEWUTS, libc.CLONE_NEWIPC,
+     libc.CLONE_NEWUSER, libc.CLONE_NEWPID, libc.CLONE_NEWNET],
 )
 def test_clone_with_a_namespace_flag_is_killed(program: bytes, flag: int) -> None:
     assert verdict(program, nr("clone"), (flag | 0x11,)) == KILL_PROCESS
