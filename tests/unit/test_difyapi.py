@@ -16,6 +16,7 @@ from sandboxd.config import Config, HttpConfig, NetworkConfig, PythonConfig
 from sandboxd.difyapi import Context, Request, Response
 from sandboxd.jobs import Dependency, Job
 from sandboxd.metrics import Metrics
+from sandboxd.pool import queued_too_long
 from sandboxd.protocol import Language, ProtocolError, RequestId, RunResult, Status
 
 KEY = "s3cret"
@@ -599,3 +600,14 @@ def test_too_large_uses_the_envelope_of_the_route() -> None:
     native = difyapi.too_large("/v1/run?x=1", 10)
     assert native.status == 413
     assert json.loads(native.body)["error"]["code"] == "too_large"
+
+
+def test_a_request_that_never_got_a_worker_says_so_apart_from_a_run_timeout() -> None:
+    queued = queued_too_long(4, 15_000.0)
+    assert (queued.id, queued.status, queued.exit_code) == (4, "timeout", None)
+    assert queued.message == "no worker became free within 15 s"
+    ran = msgspec.structs.replace(queued, message=None)
+    assert difyapi.error_text(ran) == "process exited with code -1\nerror: timeout\n"
+    assert difyapi.error_text(queued) == (
+        "process exited with code -1\nerror: timeout (no worker became free within 15 s)\n"
+    )
