@@ -213,7 +213,9 @@ class _NdjsonConnection:
         clients = self.config.clients
         if self.dropped:
             return
-        if self.unsent + len(message) > clients.max_unsent_bytes:
+        # One answer always goes out, however large (the output cap bounds it); the cap
+        # bounds the answers that pile up behind it while the client does not read.
+        if self.unsent and self.unsent + len(message) > clients.max_unsent_bytes:
             cap = clients.max_unsent_bytes
             self.drop(f"over {cap} bytes of answers unsent (the client does not read)")
         else:

@@ -59,12 +59,27 @@ def _jail_module(module: object, jail_dirs: tuple[str, ...]) -> bool:
     return bool(jail_dirs) and location.startswith(jail_dirs)
 
 
+def _jail_locations(spec: JailSpec) -> tuple[str, ...]:
+    """Where the jail's own modules live: the directories on its sys.path, except that of
+    a directory bound only in part (Debian's dist-packages, where the daemon's seccomp
+    bindings live too) just the bound entries count."""
+    bound = spec.roots.get("python3", [])
+    locations: list[str] = []
+    for path in (*spec.python_path, spec.python_site_packages):
+        if not path:
+            continue
+        directory = os.path.join(path, "")
+        parts = [e for e in bound if not e.target and e.path.startswith(directory)]
+        if not parts:
+            locations.append(directory)
+        locations.extend(os.path.join(e.path, "") if e.kind == "dir" else e.path for e in parts)
+    return tuple(locations)
+
+
 def forget_bootstrap(spec: JailSpec) -> None:
     """Drop from sys.modules every module that is neither the standard library's nor
     the jail environment's (warmed by the zygote), so an import finds the jail's."""
-    jail_dirs = tuple(
-        os.path.join(path, "") for path in (*spec.python_path, spec.python_site_packages) if path
-    )
+    jail_dirs = _jail_locations(spec)
     for name, module in list(sys.modules.items()):
         if name.partition(".")[0] in sys.stdlib_module_names or _jail_module(module, jail_dirs):
             continue

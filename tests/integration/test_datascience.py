@@ -29,7 +29,12 @@ def science(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     """A daemon whose jail environment holds numpy, pandas and matplotlib (from PyPI)."""
     state = tmp_path_factory.mktemp("science-state")
     deps.sync_python(str(state), str(REQUIREMENTS))
-    running = start_daemon(tmp_path_factory.mktemp("science"), state_dir=str(state))
+    # An output cap of 2 MiB (the default is 8) keeps the image-limit test's figures small.
+    running = start_daemon(
+        tmp_path_factory.mktemp("science"),
+        "[limits]\noutput_bytes = 2097152\n",
+        state_dir=str(state),
+    )
     yield running
     stop_daemon(running)
     assert running.process.returncode == 0, running.log_path.read_text()
