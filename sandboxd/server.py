@@ -213,7 +213,9 @@ class _NdjsonConnection:
         clients = self.config.clients
         if self.dropped:
             return
-        if self.unsent + len(message) > clients.max_unsent_bytes:
+        # One answer always goes out (it exists already, and output_bytes may lie near
+        # the cap); a client that does not read gets no second one past the cap.
+        if self.unsent and self.unsent + len(message) > clients.max_unsent_bytes:
             cap = clients.max_unsent_bytes
             self.drop(f"over {cap} bytes of answers unsent (the client does not read)")
         else:

@@ -11,6 +11,7 @@ import json
 import sys
 import sysconfig
 
+from sandboxd import debianpy
 from sandboxd.daemon import JAIL_SITE_PACKAGES
 from tests.integration.conftest import Daemon
 
@@ -54,7 +55,10 @@ def test_a_run_starts_with_only_stdlib_and_jail_modules(daemon: Daemon) -> None:
     assert foreign == {}, foreign
     for bootstrap in ("sandboxd", "sandboxd.zygote", "msgspec", "seccomp", "_distutils_hack"):
         assert bootstrap not in modules
-    assert seen["path"] == [stdlib.rstrip("/"), stdlib + "lib-dynload", JAIL_SITE_PACKAGES]
+    # Debian's jinja2/requests/httpx (debianpy) come last, behind the synced environment.
+    assert seen["path"] == [
+        stdlib.rstrip("/"), stdlib + "lib-dynload", JAIL_SITE_PACKAGES, debianpy.DIST_PACKAGES
+    ]
 
 
 def test_the_daemons_packages_cannot_be_imported(daemon: Daemon) -> None:
