@@ -156,8 +156,8 @@ class ClientsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # Bytes all connections together may hold: unfinished lines and bodies, requests in
     # flight (3 copies each), unsent answers; a request past it gets overloaded (HTTP 503).
     max_buffered_bytes: PosInt = 64 * 1024 * 1024
-    # Bytes of NDJSON answers queued behind the one being sent, per connection; past it the
-    # connection closes.
+    # Bytes of answers not yet sent on one NDJSON connection; past it the connection
+    # closes (one answer always goes out whole, however large).
     max_unsent_bytes: PosInt = 8 * 1024 * 1024
     # Seconds one NDJSON answer may take to be sent; a client that does not read is closed.
     send_timeout: Seconds = 10.0

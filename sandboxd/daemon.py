@@ -57,6 +57,7 @@ def build_spec(config: Config, cgroups_in_force: bool) -> tuple[JailSpec, dict[s
     if packaged:
         roots["python3"] += packaged
         python_path.append(debianpy.DIST_PACKAGES)
+    python_packaged = [e.path for e in packaged if e.path.startswith(debianpy.DIST_PACKAGES + "/")]
     unavailable: dict[str, str] = {}
     node = config.nodejs.path
     if not (os.path.isfile(node) and os.access(node, os.X_OK)):
@@ -93,6 +94,7 @@ def build_spec(config: Config, cgroups_in_force: bool) -> tuple[JailSpec, dict[s
         node_bootstrap=NODE_BOOTSTRAP,
         egress_netns=egress,
         proxy_env=proxy_env,
+        python_packaged=python_packaged,
         extra_syscalls={
             "python3": list(config.python3.extra_syscalls),
             "nodejs": list(config.nodejs.extra_syscalls),

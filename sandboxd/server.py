@@ -213,8 +213,8 @@ class _NdjsonConnection:
         clients = self.config.clients
         if self.dropped:
             return
-        # One answer always goes out, however large (the output cap bounds it); the cap
-        # bounds the answers that pile up behind it while the client does not read.
+        # One answer always goes out (it exists already, and output_bytes may lie near
+        # the cap); a client that does not read gets no second one past the cap.
         if self.unsent and self.unsent + len(message) > clients.max_unsent_bytes:
             cap = clients.max_unsent_bytes
             self.drop(f"over {cap} bytes of answers unsent (the client does not read)")

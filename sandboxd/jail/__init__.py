@@ -73,6 +73,9 @@ class JailSpec(msgspec.Struct, frozen=True):
     node_bootstrap: str
     # Network namespace (a /run/netns path) of runs with egress, None unless mode "allow".
     egress_netns: str | None = None
+    # Debian's packaged modules bound into the python root (debianpy): their top-level
+    # paths in dist-packages, the only things of that sys.path directory a run sees.
+    python_packaged: list[str] = msgspec.field(default_factory=list)
     # Environment variables of runs with network: the proxy ([network] proxy), else none.
     proxy_env: dict[str, str] = msgspec.field(default_factory=dict)
     # language -> system calls the admin added to its seccomp allow-list (extra_syscalls).

@@ -53,35 +53,30 @@ def prepare(spec: JailSpec) -> None:
     os.environ.update({**ENVIRONMENT, **datascience.ENVIRONMENT, **spec.proxy_env})
 
 
-def _jail_module(module: object, jail_dirs: tuple[str, ...]) -> bool:
+def _jail_module(module: object, jail_dirs: tuple[str, ...], jail_files: set[str]) -> bool:
     """Whether a module was loaded from the jail's own dependency environment."""
     location = getattr(module, "__file__", None) or ""
-    return bool(jail_dirs) and location.startswith(jail_dirs)
-
-
-def _jail_locations(spec: JailSpec) -> tuple[str, ...]:
-    """Where the jail's own modules live: the directories on its sys.path, except that of
-    a directory bound only in part (Debian's dist-packages, where the daemon's seccomp
-    bindings live too) just the bound entries count."""
-    bound = spec.roots.get("python3", [])
-    locations: list[str] = []
-    for path in (*spec.python_path, spec.python_site_packages):
-        if not path:
-            continue
-        directory = os.path.join(path, "")
-        parts = [e for e in bound if not e.target and e.path.startswith(directory)]
-        if not parts:
-            locations.append(directory)
-        locations.extend(os.path.join(e.path, "") if e.kind == "dir" else e.path for e in parts)
-    return tuple(locations)
+    return (bool(jail_dirs) and location.startswith(jail_dirs)) or location in jail_files
 
 
 def forget_bootstrap(spec: JailSpec) -> None:
     """Drop from sys.modules every module that is neither the standard library's nor
-    the jail environment's (warmed by the zygote), so an import finds the jail's."""
-    jail_dirs = _jail_locations(spec)
+    the jail environment's (warmed by the zygote), so an import finds the jail's.
+
+    Of Debian's dist-packages only the bound packages count (spec.python_packaged):
+    the zygote's own seccomp bindings live in that directory too.
+    """
+    packaged_dirs = {os.path.dirname(path) for path in spec.python_packaged}
+    dirs = [p for p in (*spec.python_path, spec.python_site_packages) if p]
+    jail_dirs = tuple(
+        os.path.join(path, "")
+        for path in [*(d for d in dirs if d not in packaged_dirs), *spec.python_packaged]
+    )
+    jail_files = set(spec.python_packaged)  # single-file modules such as six.py
     for name, module in list(sys.modules.items()):
-        if name.partition(".")[0] in sys.stdlib_module_names or _jail_module(module, jail_dirs):
+        if name.partition(".")[0] in sys.stdlib_module_names or _jail_module(
+            module, jail_dirs, jail_files
+        ):
             continue
         del sys.modules[name]
     sys.path_importer_cache.clear()

@@ -55,7 +55,7 @@ def test_a_run_starts_with_only_stdlib_and_jail_modules(daemon: Daemon) -> None:
     assert foreign == {}, foreign
     for bootstrap in ("sandboxd", "sandboxd.zygote", "msgspec", "seccomp", "_distutils_hack"):
         assert bootstrap not in modules
-    # The synced environment, then Debian's packaged defaults (only their own files are bound).
+    # Debian's jinja2/requests/httpx (debianpy) come last, behind the synced environment.
     assert seen["path"] == [
         stdlib.rstrip("/"), stdlib + "lib-dynload", JAIL_SITE_PACKAGES, debianpy.DIST_PACKAGES
     ]

@@ -62,13 +62,16 @@ def test_difys_jinja2_template_works_offline(unsynced: Daemon) -> None:
 
 
 def test_the_rest_of_dist_packages_is_not_in_the_jail(unsynced: Daemon) -> None:
-    # PathFinder searches sys.path only: what the jail's files offer, whatever modules
-    # the zygote's own interpreter already holds (that is sys.modules hygiene).
+    # A real import: the zygote's own seccomp bindings live in dist-packages too, and
+    # must be neither left in sys.modules nor findable on the path.
     probe = (
-        "import importlib.machinery, os\n"
+        "import importlib, os\n"
         f"for name in {HOST_ONLY!r}:\n"
-        "    if importlib.machinery.PathFinder.find_spec(name) is not None:\n"
+        "    try:\n"
+        "        importlib.import_module(name)\n"
         "        print('MARKER', name)\n"
+        "    except ImportError:\n"
+        "        pass\n"
         f"print(sorted(os.listdir({debianpy.DIST_PACKAGES!r})))\n"
     )
     answer = unsynced.run(probe)

@@ -103,12 +103,8 @@ def test_runs_with_network_get_the_proxy_in_both_spellings(proxied: Setup) -> No
     assert offline == "[None, None, None, None]\n"
 
 
-# requests and httpx share the calls used here. The worker still holds the daemon
-# venv's certifi in sys.modules (invariant 16, the zygote's module hygiene, is other
-# work); httpx loads its CA file at start, so the test drops that stale module first.
+# requests and httpx share the calls used here.
 PY_CLIENT = (
-    "import sys\n"
-    "for name in [m for m in sys.modules if m.split('.')[0] == 'certifi']: del sys.modules[name]\n"
     "client = __import__(MODULE)\n"
     "r = client.get(URL, timeout=20)\n"
     "print(r.status_code, r.headers.get('X-Squid-Error') or r.text)\n"
