@@ -3,7 +3,8 @@
 # payload disk (which also holds the .deb, load.py and checks.env). Each check
 # is a function; `check GROUP FUNCTION` runs it and reports one line to
 # the host: PASS/FAIL NAME SECONDS [detail]. Groups: base (package and
-# sockets, no daemon needed), daemon (runs, limits, operation), purge.
+# sockets, no daemon needed), daemon (runs, limits, operation), collusion
+# (two runs at once, tests/system/collusion.py), purge.
 set -u
 export DEBIAN_FRONTEND=noninteractive LC_ALL=C.UTF-8
 # shellcheck source=/dev/null
@@ -387,7 +388,6 @@ check daemon http_requires_the_api_key
 check daemon memory_bomb_gets_memory_verdict
 check daemon fork_bomb_gets_tasks_verdict
 check daemon non_member_is_refused_member_is_served
-check daemon runs_share_no_file_channel
 check daemon reload_keeps_serving
 check daemon restart_refuses_no_one
 check daemon units_are_only_the_live_pool
@@ -395,6 +395,7 @@ check daemon stop_finishes_in_flight_runs
 check daemon stop_leaves_no_pool_scope
 check daemon network_allow_mode_serves
 check daemon never_restarted_by_failure_or_watchdog
+check collusion runs_share_no_file_channel
 check purge purge_leaves_nothing
 
 if [ $failures -gt 0 ]; then
