@@ -8,8 +8,9 @@ cgroup counters. Nothing the worker says after it got ready is believed.
 The answer is bounded by the deadline (DESIGN.md invariant 18): when the worker
 has exited, its whole pid namespace is gone and the pipes reach end-of-file at
 once, unless a process outside it holds their write ends (another run it
-passed them to). So the daemon reads output only until the deadline plus
-OUTPUT_GRACE, then stops feeding stdin and reading, and the run is a `timeout`.
+passed them to). So the daemon reads output only until the deadline (or the
+exit, if a killed worker was reaped later) plus OUTPUT_GRACE, then stops
+feeding stdin and reading, and the run is a `timeout`.
 """
 
 from __future__ import annotations
@@ -177,7 +178,9 @@ class Worker:
                 await self.kill()
                 with trio.fail_after(KILL_GRACE):
                     self.exited = await self._wait_exit()
-            with trio.move_on_at(deadline + OUTPUT_GRACE):
+            # What the run wrote before it exited is in the pipes already: read it
+            # all, however late a killed worker was reaped.
+            with trio.move_on_at(max(deadline, trio.current_time()) + OUTPUT_GRACE):
                 await drained.wait()
             held_open = not drained.is_set()
             nursery.cancel_scope.cancel()  # stop feeding and reading: invariant 18
@@ -188,7 +191,7 @@ class Worker:
         result = outcome(self.exited, output, timed_out or held_open, wall_ms, job, usage)
         result.images, result.files = split.images, split.files
         result.truncated = result.truncated or split.truncated
-        if held_open:
+        if held_open and not timed_out:
             result.message = HELD_OPEN
         return result
 

@@ -10,6 +10,8 @@ where it can.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -80,8 +82,39 @@ def _workers_of(daemon: Daemon) -> dict[int, str]:
     return found
 
 
+# Run on the host as root: enter a process's mount namespace (setns sets the root
+# to that namespace's root, whatever the process chrooted to) and print the
+# namespace's whole mount table, read through the host's /proc opened before.
+# /proc/PID/mountinfo alone would not do: it hides mounts outside the process's
+# root, so a chrooted worker's table looks clean while the host's root is there.
+WHOLE_MOUNT_TABLE = """
+import ctypes, os, sys
+proc = os.open("/proc", os.O_RDONLY | os.O_DIRECTORY)
+namespace = os.open(f"/proc/{sys.argv[1]}/ns/mnt", os.O_RDONLY)
+if ctypes.CDLL(None, use_errno=True).setns(namespace, 0x00020000) != 0:  # CLONE_NEWNS
+    sys.exit("setns: " + os.strerror(ctypes.get_errno()))
+table = os.open("self/mountinfo", os.O_RDONLY, dir_fd=proc)
+sys.stdout.write(os.read(table, 1 << 20).decode())
+"""
+
+
+def _mount_table(pid: int) -> list[list[str]] | None:
+    """The whole mount table of `pid`'s mount namespace; None if it has exited."""
+    done = subprocess.run(
+        [sys.executable, "-I", "-c", WHOLE_MOUNT_TABLE, str(pid)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        assert not Path(f"/proc/{pid}").exists(), done.stderr  # only a worker gone may fail
+        return None
+    return [line.split() for line in done.stdout.splitlines()]
+
+
 def test_no_worker_has_the_host_root_in_its_mount_namespace(daemon: Daemon) -> None:
-    """White box: read each live worker's mount table from the host while runs are live."""
+    """White box: from the host, read the mount namespace of every worker that is
+    alive while a python3 and a nodejs run are (ready and running workers)."""
     sleepers = [
         threading.Thread(target=daemon.run, args=("import time; time.sleep(4)", "python3")),
         threading.Thread(target=daemon.run, args=("setTimeout(() => {}, 4000)", "nodejs")),
@@ -93,12 +126,9 @@ def test_no_worker_has_the_host_root_in_its_mount_namespace(daemon: Daemon) -> N
     names: dict[int, str] = {}
     while any(thread.is_alive() for thread in sleepers):  # every worker seen meanwhile
         for pid, name in _workers_of(daemon).items():
-            try:
-                text = Path(f"/proc/{pid}/mountinfo").read_text()
-            except OSError:
-                continue  # exited meanwhile
-            names[pid] = name
-            tables[pid] = [line.split() for line in text.splitlines()]
+            if pid not in tables and (table := _mount_table(pid)) is not None:
+                names[pid] = name
+                tables[pid] = table
     for thread in sleepers:
         thread.join()
     assert {names[pid] for pid in tables} >= {"node"}, names

@@ -668,7 +668,6 @@ check collusion network_runs_share_no_socket_or_port
 check daemon memory_bomb_gets_memory_verdict
 check daemon fork_bomb_gets_tasks_verdict
 check daemon non_member_is_refused_member_is_served
-check daemon runs_share_no_file_channel
 check daemon reload_keeps_serving
 check daemon restart_refuses_no_one
 check daemon units_are_only_the_live_pool
@@ -677,6 +676,7 @@ check daemon stop_leaves_no_pool_scope
 check daemon network_allow_mode_serves
 check daemon proxied_run_reaches_only_the_proxy
 check daemon never_restarted_by_failure_or_watchdog
+check collusion runs_share_no_file_channel
 check faults killed_zygote_heals_without_restart
 check faults killed_service_restarts_clean
 check purge purge_leaves_nothing
