@@ -6,6 +6,8 @@ from collections.abc import Callable
 
 import msgspec
 
+from bench.cpu import ROLES
+from bench.floor import Cost
 from bench.stats import Cell
 from bench.systems import SANDBOXD
 
@@ -37,6 +39,7 @@ class Report(msgspec.Struct, frozen=True):
     idle_rss_kib_after_bench: int | None
     daemon_exit: str | None  # how the daemon the bench started ended, when it did not end well
     targets: list[Target]
+    floor: list[Cost] = []  # the kernel operations alone, measured in the same run
 
 
 def ratios(cells: list[Cell], system: str = SANDBOXD) -> list[Ratio]:
@@ -140,6 +143,26 @@ def cell_rows(cells: list[Cell]) -> list[str]:
     return _table(header, rows, left=2)
 
 
+def cpu_rows(cells: list[Cell]) -> list[str]:
+    """CPU per run by role (ms) for every cell that measured it; the roles add up to total."""
+    header = ["workload", "clients", *ROLES, "total", "kthreads*", "keeper until ready"]
+    rows = [
+        [
+            c.workload, str(c.clients), *(f"{c.cpu.roles[role]:.2f}" for role in ROLES),
+            f"{c.cpu.total_ms:.2f}", f"{c.cpu.kernel_threads_ms:.2f}",
+            f"{c.cpu.keeper_ready_ms:.2f}",
+        ]
+        for c in cells
+        if c.cpu is not None
+    ]  # fmt: skip
+    return _table(header, rows, left=1)
+
+
+def floor_rows(found: list[Cost]) -> list[str]:
+    rows = [[c.name, f"{c.cpu_ms:.3f}", f"{c.wall_ms:.3f}"] for c in found]
+    return _table(["operation", "CPU ms", "wall ms"], rows, left=1)
+
+
 def ratio_rows(found: list[Ratio]) -> list[str]:
     header = ["workload", "baseline", "clients", "p50 ratio", "runs/s ratio"]
     rows = [
@@ -171,6 +194,18 @@ def render(report: Report) -> str:
         *(ratio_rows(report.ratios) if report.ratios else ["(no baseline and sandboxd pair)"]),
         "",
     ]
+    split = cpu_rows(report.cells)
+    if len(split) > 1:
+        out += [
+            "CPU per run by role, ms (the daemon's cpuacct cgroup; roles add up to total;",
+            "* kernel threads system-wide, not in total: deferred namespace teardown and",
+            "  whatever else this machine's kernel did meanwhile):",
+            *split,
+            "",
+        ]
+    if report.floor:
+        out += ["floor (the kernel operations alone, this machine, this run):"]
+        out += [*floor_rows(report.floor), ""]
     errors = error_rows(report.cells)
     out += ["errors (every non-ok run):", *(errors or ["none"]), ""]
     rss = [
