@@ -356,18 +356,19 @@ async def bench(args: argparse.Namespace, argv: Sequence[str]) -> Report:
     if args.baselines:
         cells += await baseline_cells(args, workloads, progress)
     cells = _order(cells, workloads)
+    found = ratios(cells, ours.system)
     return Report(
         command=shlex.join(["python", "-m", "bench", *argv]),
         system=ours.system,
         loop_iterations=iterations,
         loop_ms=loop_ms,
         cells=cells,
-        ratios=ratios(cells, ours.system),
+        ratios=found,
         daemon_pid=ours.pid,
         idle_rss_kib_after_warmup=ours.rss_warm,
         idle_rss_kib_after_bench=ours.rss_after,
         daemon_exit=daemon_exit,
-        targets=targets(cells, ours.rss_warm) if not args.echo else [],
+        targets=targets(cells, ours.rss_warm, found, loop_ms) if not args.echo else [],
         floor=floors,
     )
 
