@@ -7,8 +7,10 @@ cgroup's `cpuacct.usage` counts, to the nanosecond, every process the daemon
 ever started, dead ones included. Around each cell the bench snapshots:
 
 - the tree's `cpuacct.usage`;
-- the daemon's and each live zygote's utime+stime (`/proc/PID/stat`, all
-  threads, dead ones included);
+- the daemon's utime+stime (`/proc/PID/stat`, all threads, dead ones included)
+  and the run time of each other live process of the tree (schedstat, to the
+  nanosecond: a zygote forks in well under a clock tick per run); those alive at
+  both ends of a cell are the zygotes and templates;
 - each ready worker's and its keeper's run time (schedstat): the members of the leaf cgroups under
   `pids/sandboxd.DAEMONPID/` (their parents are the keepers, which stay out of
   those leaves);
@@ -21,7 +23,7 @@ The runs' own `cpu_ms` (the keeper's wait4 rusage of the worker: its whole life,
 jail preparation, the job and its exit) is summed by the client. The roles per
 run are then:
 
-- daemon, zygote: their deltas;
+- daemon, zygote: their deltas (zygote: the processes alive at both ends);
 - worker before the job: the mean CPU of the workers found ready (what a worker
   cost before it had a job), per run, plus the change of the ready workers' total
   over the cell;
@@ -29,7 +31,7 @@ run are then:
   worker's exit and, with it, its pid namespace's and mounts' teardown);
 - keepers: what is left of the tree's count (each keeper's fork of its worker,
   its wait and report, a worker's moments before its keeper moves it, and any
-  process that died uncounted, e.g. a restarted zygote).
+  process that started or died within the cell, e.g. a restarted zygote).
 
 By construction the roles add up to the tree's count.
 """
@@ -138,7 +140,10 @@ class TreeCgroup:
 class Snapshot(msgspec.Struct, frozen=True):
     tree_ns: int
     daemon_ns: int
-    zygote_ns: int  # the live zygotes (and templates) together
+    # Run time of each other live process of the tree (zygotes, templates, and keepers
+    # whose worker has just exited), by pid: only those alive at both ends of a cell
+    # count as the zygote role; the transient ones belong to the keepers' remainder.
+    others: dict[int, int]
     ready_ns: int  # the ready workers together
     # The ready workers of the measured language only (node workers have exec'd node):
     # what one of its workers cost before its job is their mean.
@@ -187,7 +192,7 @@ def take(tree: TreeCgroup, daemon_pid: int, node: bool) -> Snapshot:
     return Snapshot(
         tree_ns=tree.usage_ns(),
         daemon_ns=process_cpu_ns(daemon_pid),
-        zygote_ns=_sum(process_cpu_ns(pid) for pid in others),
+        others={pid: live_threads_ns(pid) for pid in sorted(others)},
         ready_ns=_sum(live_threads_ns(pid) for pid in workers),
         like_ns=_sum(live_threads_ns(pid) for leaf in like for pid in leaf),
         like_workers=len(like),
@@ -222,7 +227,9 @@ def breakdown(before: Snapshot, after: Snapshot, runs: int, runs_cpu_ms: float) 
     per_run = 1e6 * max(1, runs)  # ns -> ms per run
     tree = after.tree_ns - before.tree_ns
     daemon = after.daemon_ns - before.daemon_ns
-    zygote = after.zygote_ns - before.zygote_ns
+    zygote = _sum(
+        ns - before.others[pid] for pid, ns in after.others.items() if pid in before.others
+    )
     workers = runs_cpu_ms * 1e6 - before.ready_ns + after.ready_ns
     sampled = after if after.like_workers else before
     prepared_each = sampled.like_ns / sampled.like_workers if sampled.like_workers else 0.0

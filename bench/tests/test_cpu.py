@@ -85,7 +85,7 @@ def _snapshots(draw: st.DrawFn) -> Snapshot:
     return Snapshot(
         tree_ns=draw(_counts),
         daemon_ns=draw(_counts),
-        zygote_ns=draw(_counts),
+        others=draw(st.dictionaries(st.integers(1, 50), _counts, max_size=4)),
         ready_ns=draw(_counts),
         like_ns=draw(_counts),
         like_workers=draw(st.integers(min_value=0, max_value=64)),
