@@ -1,9 +1,11 @@
 """`python -m bench`: load sandboxd and the spawn-per-run baselines, print the table.
 
-Order of a run: calibrate the ~5 ms loop; start a private daemon (or use
---socket); warm every workload up and read the daemon's idle RSS; run every
-(workload, clients) cell against the daemon; read the idle RSS again; stop the
-daemon; run the same cells against the baselines; print. Progress goes to
+Order of a run: calibrate the ~5 ms loop; measure the floor (bench/floor.py);
+start a private daemon in a cpuacct cgroup of its own (or use --socket); warm
+every workload up and read the daemon's idle RSS; run every (workload, clients)
+cell against the daemon, reading where its CPU went around each (bench/cpu.py);
+read the idle RSS again; stop the daemon; run the same cells against the
+baselines; print. Progress goes to
 stderr, the report to stdout. Exit status 1 when any run failed.
 """
 
