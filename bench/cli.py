@@ -1,9 +1,11 @@
 """`python -m bench`: load sandboxd and the spawn-per-run baselines, print the table.
 
-Order of a run: calibrate the ~5 ms loop; start a private daemon (or use
---socket); warm every workload up and read the daemon's idle RSS; run every
-(workload, clients) cell against the daemon; read the idle RSS again; stop the
-daemon; run the same cells against the baselines; print. Progress goes to
+Order of a run: calibrate the ~5 ms loop; measure the floor (bench/floor.py);
+start a private daemon in a cpuacct cgroup of its own (or use --socket); warm
+every workload up and read the daemon's idle RSS; run every (workload, clients)
+cell against the daemon, reading where its CPU went around each (bench/cpu.py);
+read the idle RSS again; stop the daemon; run the same cells against the
+baselines; print. Progress goes to
 stderr, the report to stdout. Exit status 1 when any run failed.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 import tempfile
@@ -18,10 +21,11 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import msgspec
 import trio
 
+from bench import cpu, floor, science
 from bench import daemon as daemons
-from bench import science
 from bench.load import Budget, run_cell
 from bench.report import Report, ratios, render, targets, to_json
 from bench.soak import SoakPlan, soak
@@ -41,6 +45,9 @@ from bench.workloads import READY, Workload, all_workloads, calibrate_loop, scie
 ECHO = "echo (runs nothing)"
 # Seconds the daemon gets after a burst to refill its pools before RSS is read.
 SETTLE_SECONDS = 1.0
+# Seconds after a cell before its CPU is read: the pools refill (their workers' cost
+# before the job belongs to the cell that used the workers).
+CPU_SETTLE_SECONDS = 0.5
 # A --runs cell without --duration still stops after this long.
 RUNS_TIME_CAP = 120.0
 
@@ -177,8 +184,15 @@ def _availability(answer_code: str | None, workload: Workload) -> str | None:
 class DaemonBench:
     """The daemon half of a run: warm-up, RSS and the sandboxd cells."""
 
-    def __init__(self, args: argparse.Namespace, workloads: list[Workload], say: Progress):
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        workloads: list[Workload],
+        say: Progress,
+        tree: cpu.TreeCgroup | None = None,
+    ):
         self.system = ECHO if args.echo else SANDBOXD
+        self.tree = tree  # the daemon's cpuacct cgroup, when the bench started it
         self.args = args
         self.workloads = workloads
         self.progress = say
@@ -230,16 +244,30 @@ class DaemonBench:
             self.progress.say(f"{workload.title}: charged {science.mib(charged, 1)} per run")
 
     async def _cell(self, daemon: daemons.Daemon, workload: Workload, clients: int) -> Cell:
+        node = workload.language == "nodejs"
+        before = self._cpu(node)
         async with sandboxd_clients(
             daemon.socket, workload, clients, self.args.connections
         ) as runners:
             tally, seconds = await run_cell(runners, _budget(self.args))
+        if before is not None:
+            await trio.sleep(CPU_SETTLE_SECONDS)
+        after = self._cpu(node)
         if daemon.process is not None and daemon.process.returncode is not None:
             raise daemons.DaemonFailed(
                 f"the daemon exited with {daemon.process.returncode} during "
                 f"{workload.title}:\n" + daemons.log_tail(daemon.log)
             )
-        return summarize(self.system, workload.title, clients, tally, seconds)
+        cell = summarize(self.system, workload.title, clients, tally, seconds)
+        if before is None or after is None:
+            return cell
+        split = cpu.breakdown(before, after, tally.cpu_runs, tally.cpu_ms)
+        return msgspec.structs.replace(cell, cpu=split)
+
+    def _cpu(self, node: bool) -> cpu.Snapshot | None:
+        if self.tree is None or self.pid is None:
+            return None
+        return cpu.take(self.tree, self.pid, node)
 
 
 async def baseline_cells(
@@ -300,7 +328,13 @@ async def bench(args: argparse.Namespace, argv: Sequence[str]) -> Report:
         if unknown:
             raise SystemExit(f"unknown workloads: {', '.join(sorted(unknown))}")
         workloads = [w for w in known if w.key in args.workloads]
-    ours = DaemonBench(args, workloads, progress)
+    floors = floor.measure()
+    for cost in floors:
+        progress.say(f"floor: {cost.name}: {cost.cpu_ms:.3f} ms CPU, {cost.wall_ms:.3f} ms wall")
+    tree = None
+    if args.start_daemon and not args.echo:
+        tree = cpu.TreeCgroup(f"sandboxd-bench.{os.getpid()}")
+    ours = DaemonBench(args, workloads, progress, tree)
     daemon_exit = None
     with tempfile.TemporaryDirectory(prefix="sandboxd-bench-") as temp:
         if not args.start_daemon:
@@ -308,30 +342,36 @@ async def bench(args: argparse.Namespace, argv: Sequence[str]) -> Report:
         else:
             socket = args.socket or f"{temp}/sandboxd.sock"
             command = _daemon_command(args, Path(temp), socket, workloads)
+            if tree is not None:
+                command = tree.wrap(command)
             progress.say(f"starting: {shlex.join(command)}")
             async with daemons.started(
                 command, socket, Path(temp) / "daemon.log", args.start_timeout, stop_timeout=15.0
             ) as daemon:
                 await ours.run(daemon)
             daemon_exit = daemons.exit_problem(daemon)
+            if tree is not None and not tree.remove():
+                progress.say(f"cgroup {tree.path} still busy: left in place")
             if daemon_exit is not None:
                 progress.say(f"daemon stop FAILED: {daemon_exit}")
     cells = ours.cells
     if args.baselines:
         cells += await baseline_cells(args, workloads, progress)
     cells = _order(cells, workloads)
+    found = ratios(cells, ours.system)
     return Report(
         command=shlex.join(["python", "-m", "bench", *argv]),
         system=ours.system,
         loop_iterations=iterations,
         loop_ms=loop_ms,
         cells=cells,
-        ratios=ratios(cells, ours.system),
+        ratios=found,
         daemon_pid=ours.pid,
         idle_rss_kib_after_warmup=ours.rss_warm,
         idle_rss_kib_after_bench=ours.rss_after,
         daemon_exit=daemon_exit,
-        targets=targets(cells, ours.rss_warm) if not args.echo else [],
+        targets=targets(cells, ours.rss_warm, found, loop_ms) if not args.echo else [],
+        floor=floors,
     )
 
 

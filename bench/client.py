@@ -41,6 +41,7 @@ class Answer(msgspec.Struct):
     exit_code: int | None = None
     signal: int | None = None
     wall_ms: float | None = None
+    cpu_ms: float | None = None
     peak_memory_bytes: int | None = None
     error: ErrorInfo | None = None
 

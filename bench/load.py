@@ -21,6 +21,7 @@ class Outcome(NamedTuple):
     problem: str  # "" when the run was ok, else what went wrong
     seconds: float  # latency as the client saw it
     reported_ms: float | None = None  # the run's own wall time, as the daemon reported it
+    cpu_ms: float | None = None  # the run's worker's CPU, as the daemon reported it
 
 
 RunOnce = Callable[[], Awaitable[Outcome]]
@@ -69,7 +70,7 @@ async def run_cell(clients: list[RunOnce], budget: Budget) -> tuple[Tally, float
             elif outcome.problem:
                 tally.error(outcome.problem)
             else:
-                tally.ok(outcome.seconds, outcome.reported_ms)
+                tally.ok(outcome.seconds, outcome.reported_ms, outcome.cpu_ms)
             last_end = time.perf_counter()
             if budget.think:
                 await trio.sleep(budget.think)

@@ -7,6 +7,8 @@ from collections import Counter
 
 import msgspec
 
+from bench.cpu import Breakdown
+
 # Distinct error descriptions kept per cell (the count of each is always kept).
 MAX_ERROR_KINDS = 8
 
@@ -26,11 +28,18 @@ class Tally:
         self.latencies: list[float] = []  # seconds, ok runs only
         self.reported: list[float] = []  # ms, the daemon's own wall_ms of ok runs
         self.errors: Counter[str] = Counter()
+        self.cpu_runs = 0  # ok runs whose answer carried the worker's cpu_ms
+        self.cpu_ms = 0.0  # their sum
 
-    def ok(self, seconds: float, reported_ms: float | None = None) -> None:
+    def ok(
+        self, seconds: float, reported_ms: float | None = None, cpu_ms: float | None = None
+    ) -> None:
         self.latencies.append(seconds)
         if reported_ms is not None:
             self.reported.append(reported_ms)
+        if cpu_ms is not None:
+            self.cpu_runs += 1
+            self.cpu_ms += cpu_ms
 
     def error(self, description: str) -> None:
         if description in self.errors or len(self.errors) < MAX_ERROR_KINDS:
@@ -61,6 +70,7 @@ class Cell(msgspec.Struct, frozen=True):
     seconds: float
     error_kinds: dict[str, int] = {}
     unavailable: str | None = None  # why the row has no numbers ("n/a (...)")
+    cpu: Breakdown | None = None  # where the CPU went (sandboxd cells the bench started)
 
 
 def summarize(system: str, workload: str, clients: int, tally: Tally, seconds: float) -> Cell:

@@ -94,7 +94,7 @@ def sandboxd_run(connection: Connection, template: RequestTemplate, expected: st
             answer, seconds = await connection.request(template)
         except ConnectionLost as exc:
             raise ClientStopped(f"connection lost: {exc}") from exc
-        return Outcome(judge_answer(answer, expected), seconds, answer.wall_ms)
+        return Outcome(judge_answer(answer, expected), seconds, answer.wall_ms, answer.cpu_ms)
 
     return run_once
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from msgspec.structs import replace
+
 from bench.client import Answer, ErrorInfo
+from bench.cpu import ROLES, Breakdown
 from bench.report import Report, error_rows, ratios, render, targets
 from bench.stats import Cell, Tally, summarize, unavailable
 from bench.systems import judge_answer, judge_process
@@ -95,3 +98,22 @@ def test_targets_flag_a_missed_latency_and_a_met_memory_bound() -> None:
     assert found["python3 hello p50, 1 client"].met is False
     assert found["idle daemon RSS"].met is True
     assert found["nodejs hello p50, 1 client"].met is None
+
+
+def test_targets_judge_cpu_per_run_and_the_ratios_to_the_baselines() -> None:
+    split = Breakdown(
+        runs=100,
+        roles=dict.fromkeys(ROLES, 0.9),
+        total_ms=4.5,
+        kernel_threads_ms=0.0,
+        ready_workers=2,
+        keeper_ready_ms=0.5,
+    )
+    ours = replace(_cell("sandboxd", 2.0, 400, clients=4), cpu=split)
+    plain = _cell("python3 -c", 8.0, 100, clients=4)
+    found = {t.name: t for t in targets([ours, plain], None, ratios([ours, plain]))}
+    assert found["python3 hello CPU per run"].met is False
+    assert found["python3 hello CPU per run"].measured == "4.50 ms"
+    assert found["python3 hello throughput"].met is True  # 400 runs/s against 100
+    assert found["python3 hello, 4 clients"].met is True
+    assert found["nodejs hello throughput"].met is None
