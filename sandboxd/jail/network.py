@@ -306,15 +306,17 @@ def _proxy_in_force(table_text: str, proxy: Proxy | None) -> bool:
     return marks == ([f"{proxy.address}:{proxy.port}"] if proxy else [])
 
 
-# Inside the egress namespace: replies only, IPv4 only. Nothing arriving on lo is
-# accepted, not even as a reply: every run with network shares this namespace, and
-# two runs that each send UDP to the other's port over lo would otherwise make each
-# other's packets replies (hole punching: conntrack sees the second as established).
+# Inside the egress namespace: replies only, IPv4 only. On lo not even replies: every
+# run with network shares this namespace, and two runs that each send UDP to the
+# other's port over lo would otherwise make the later packet a reply of the earlier
+# (hole punching: conntrack sees it as established). What is related still comes in
+# on lo: the resets and ICMP errors of these very rejects, which a connect waits for.
 NAMESPACE_RULES = """\
 table inet sandboxd {
     chain input {
         type filter hook input priority filter; policy drop;
-        iifname "lo" reject with icmpx type admin-prohibited
+        iifname "lo" ct state established meta l4proto tcp reject with tcp reset
+        iifname "lo" ct state established reject with icmpx type admin-prohibited
         ct state { established, related } accept
         meta l4proto tcp reject with tcp reset
         reject with icmpx type admin-prohibited
