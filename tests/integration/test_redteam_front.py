@@ -11,6 +11,8 @@
 - File descriptors: more idle HTTP connections than the cap; the native socket
   serves meanwhile, the one past the cap reads 503, and the daemon gives back
   every descriptor when they go.
+- Numbers and strings at their edges: timeouts of 1e308, 1e-300 and 1e400, memory
+  past 64 bits, NUL in code, a 1 MB stdin.
 """
 
 from __future__ import annotations
@@ -168,4 +170,29 @@ def test_idle_connections_past_the_cap_cost_no_descriptors_and_no_service(daemon
     while _fd_count(daemon.process.pid) > before + 8 and time.monotonic() < deadline:
         time.sleep(0.1)
     assert _fd_count(daemon.process.pid) <= before + 8, "descriptors stayed behind"
+    daemon.assert_healthy()
+
+
+# --- numbers and strings at their edges ------------------------------------------------
+
+EDGES = [
+    b'{"language": "python3", "code": "print(1)", "timeout": 1e308}',
+    b'{"language": "python3", "code": "import time; time.sleep(5)", "timeout": 1e-300}',
+    b'{"language": "python3", "code": "print(1)", "timeout": 1e400}',
+    b'{"language": "python3", "code": "print(1)", "memory_mb": 9223372036854775808}',
+    b'{"language": "python3", "code": "print(1)", "memory_mb": 184467440737095516160}',
+    b'{"language": "python3", "code": "print(1)\\u0000print(2)"}',
+    b'{"language": "nodejs", "code": "console.log(1)\\u0000"}',
+    b'{"language": "python3", "code": "print(len(input()))", "stdin": "' + b"x" * 1_000_000 + b'"}',
+]
+
+
+def test_numbers_and_strings_at_their_edges_get_typed_answers(daemon: Daemon) -> None:
+    lines = [b'{"id": %d, ' % index + line[1:] for index, line in enumerate(EDGES)]
+    answers = {answer["id"]: answer for answer in _ndjson(daemon, lines, len(lines))}
+    assert set(answers) == set(range(len(EDGES))), answers  # every line answered, by its id
+    for answer in answers.values():
+        assert "status" in answer or answer["error"]["code"] == "bad_request", answer  # type: ignore[index]
+    assert answers[0]["status"] == "ok" and answers[1]["status"] == "timeout", answers
+    assert answers[len(EDGES) - 1]["stdout"] == "1000000\n", answers
     daemon.assert_healthy()
