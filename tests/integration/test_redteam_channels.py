@@ -13,6 +13,10 @@ tenants.run_together; a run prints MARKER only when the channel worked:
   port of the namespace's loopback, so the later run's packet to the earlier
   run's port is, to conntrack, a reply of the earlier one's. The namespace's
   input chain refuses whatever arrives on lo (jail/network.py, NAMESPACE_RULES).
+- the page cache of a shared read-only file: one run reads the slots of its message
+  again and again, the other evicts the file and times one read per slot (a cached
+  slot answers in about a microsecond). seccomp refuses the evicting advice
+  (jail/seccomp.py, ARG_RULES: fadvise64 and madvise).
 """
 
 from __future__ import annotations
@@ -193,3 +197,74 @@ def test_network_runs_cannot_punch_udp_holes_to_each_other(
     )
     for answer in answers:
         assert "swept from ('0.0.0.0'," in answer.stdout, answer.raw
+
+
+# --- the page cache of the shared read-only files -------------------------------------
+
+# A shared stdlib file no interpreter maps: one run reads a set of its pages again and
+# again, the other evicts the file from the page cache and times one read per page
+# (a cached page answers in about a microsecond, an evicted one from the disk).
+SHARED_PAGES_FILE = "/usr/lib/python3.11/config-3.11-x86_64-linux-gnu/libpython3.11.a"
+# Slots 128 KiB apart: the page cache may hold a file in folios larger than a page.
+SLOT = 128 * 1024
+MESSAGE_PAGES = (5, 17, 33, 60)
+
+PAGE_SEND = f"""
+import os, time
+fd = os.open({SHARED_PAGES_FILE!r}, os.O_RDONLY)
+try:
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+except OSError as error:
+    print("no fadvise:", repr(error))
+end = time.monotonic() + {WINDOW_S + 1}
+while time.monotonic() < end:
+    for page in {MESSAGE_PAGES!r}:
+        os.pread(fd, 1, page * {SLOT})
+    time.sleep(0.002)
+"""
+
+PAGE_RECEIVE = f"""
+import mmap, os, time
+fd = os.open({SHARED_PAGES_FILE!r}, os.O_RDONLY)
+
+def evict():
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    except OSError as error:
+        print("no fadvise:", repr(error))
+    try:
+        size = os.fstat(fd).st_size
+        with mmap.mmap(fd, size, prot=mmap.PROT_READ) as view:
+            view.madvise(21)  # MADV_PAGEOUT
+    except OSError as error:
+        print("no madvise(MADV_PAGEOUT):", repr(error))
+
+time.sleep(0.5)
+hits = 0
+for _ in range(8):
+    evict()
+    time.sleep(0.15)
+    times = []
+    for page in range(64):
+        start = time.perf_counter()
+        os.pread(fd, 1, page * {SLOT})
+        times.append(time.perf_counter() - start)
+    fast = sorted(range(64), key=times.__getitem__)[:{len(MESSAGE_PAGES)}]
+    slow_median = sorted(times)[32]
+    if tuple(sorted(fast)) == {MESSAGE_PAGES!r} and max(times[p] for p in fast) * 5 < slow_median:
+        hits += 1
+if hits >= 4:
+    print("MARKER read the other run's pages from the page cache", hits, "of 8 rounds")
+print("page rounds decoded:", hits)
+"""
+
+
+@pytest.mark.parametrize("route", ["native", "dify"])
+def test_the_page_cache_of_shared_files_carries_no_message(daemon: Daemon, route: str) -> None:
+    answers = run_together(
+        daemon, Tenant("python3", PAGE_SEND), Tenant("python3", PAGE_RECEIVE), route
+    )
+    assert "page rounds decoded:" in answers[1].stdout, answers[1].raw
+    # Both eviction calls were refused as clean errors, not kills.
+    assert "no fadvise: OSError(22" in answers[1].stdout, answers[1].raw
+    assert "no madvise(MADV_PAGEOUT): OSError(22" in answers[1].stdout, answers[1].raw
