@@ -12,7 +12,7 @@
   serves meanwhile, the one past the cap reads 503, and the daemon gives back
   every descriptor when they go.
 - Numbers and strings at their edges: timeouts of 1e308, 1e-300 and 1e400, memory
-  past 64 bits, NUL in code, a 1 MB stdin.
+  past 64 bits, NUL in code, a 1 MB stdin; body sizes past any integer.
 """
 
 from __future__ import annotations
@@ -195,4 +195,23 @@ def test_numbers_and_strings_at_their_edges_get_typed_answers(daemon: Daemon) ->
         assert "status" in answer or answer["error"]["code"] == "bad_request", answer  # type: ignore[index]
     assert answers[0]["status"] == "ok" and answers[1]["status"] == "timeout", answers
     assert answers[len(EDGES) - 1]["stdout"] == "1000000\n", answers
+    daemon.assert_healthy()
+
+
+OVERSIZED = {
+    "content-length-past-64-bits": _post(
+        b"X-Api-Key: KEY\r\nContent-Length: 99999999999999999999999\r\n", b""
+    ),
+    "chunk-size-past-64-bits": _post(
+        b"X-Api-Key: KEY\r\nTransfer-Encoding: chunked\r\n", b"FFFFFFFFFFFFFFFFFFFFFF\r\nx"
+    ),
+    "negative-content-length": _post(b"X-Api-Key: KEY\r\nContent-Length: -1\r\n", b""),
+}
+
+
+@pytest.mark.parametrize("raw", OVERSIZED.values(), ids=OVERSIZED.keys())
+def test_body_sizes_past_any_integer_are_refused_by_status(daemon: Daemon, raw: bytes) -> None:
+    answer = _exchange(daemon, raw)
+    status = int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/1.1 ") else 0
+    assert status in (400, 413), answer
     daemon.assert_healthy()
