@@ -100,7 +100,8 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--out",
         metavar="DIR",
-        help="write the figures the run left open and the files it wrote under /tmp/out into DIR",
+        help="write the figures the run left open and the files it wrote under /tmp/out into DIR "
+        "(never replacing a file already there)",
     )
     source = run.add_mutually_exclusive_group(required=True)
     source.add_argument("-c", dest="code", metavar="CODE", help="the code itself")

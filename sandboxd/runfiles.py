@@ -3,7 +3,8 @@ and files a result brings back.
 
 Returned names come from the run (it chose what to write under /tmp/out), so each
 must pass inputfiles.name_problem before it is written, and is opened without
-following a symlink planted in DIR.
+following a symlink planted in DIR and without replacing a file already there (a
+run could otherwise name `.bashrc` or any file the user keeps in DIR).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def save(answer: dict[str, object], directory: str) -> list[str]:
             except (binascii.Error, ValueError) as error:
                 raise RunFilesError(f"returned {field} {name!r}: not base64") from error
             path = os.path.join(directory, name)
-            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
             try:
                 fd = os.open(path, flags, 0o644)
                 with os.fdopen(fd, "wb") as handle:

@@ -6,9 +6,9 @@ Layout (pid = the daemon's pid, so leftovers of a dead daemon can be found):
   host netns                                     egress netns (<runtime_dir>/egress-<pid>.net)
   sbxe<pid>h  169.254.x.1/30  ══ veth ══════════  eth0  169.254.x.2/30, default via .1
   nft table inet sandboxd-egress-<pid>:           lo up; nft table inet sandboxd:
-    input   from sbxe<pid>h: rejected (the host's    input: only replies (no run can
-            own addresses, any port, any service)      accept a connection, not even
-    forward from sbxe<pid>h: BLOCKED destinations,     another run's over lo)
+    input   from sbxe<pid>h: rejected (the host's    input: only replies, and nothing
+            own addresses, any port, any service)      from lo (no run hears another,
+    forward from sbxe<pid>h: BLOCKED destinations,     not even by UDP hole punching)
             DNAT'd flows, IPv6 and spoofed sources     output: no IPv6
             rejected; to it: replies only
     postrouting: masquerade of the namespace address
@@ -306,11 +306,17 @@ def _proxy_in_force(table_text: str, proxy: Proxy | None) -> bool:
     return marks == ([f"{proxy.address}:{proxy.port}"] if proxy else [])
 
 
-# Inside the egress namespace: replies only, IPv4 only.
+# Inside the egress namespace: replies only, IPv4 only. On lo not even replies: every
+# run with network shares this namespace, and two runs that each send UDP to the
+# other's port over lo would otherwise make the later packet a reply of the earlier
+# (hole punching: conntrack sees it as established). What is related still comes in
+# on lo: the resets and ICMP errors of these very rejects, which a connect waits for.
 NAMESPACE_RULES = """\
 table inet sandboxd {
     chain input {
         type filter hook input priority filter; policy drop;
+        iifname "lo" ct state established meta l4proto tcp reject with tcp reset
+        iifname "lo" ct state established reject with icmpx type admin-prohibited
         ct state { established, related } accept
         meta l4proto tcp reject with tcp reset
         reject with icmpx type admin-prohibited

@@ -90,6 +90,19 @@ F_GETPIPE_SZ = 1032
 F_ADD_SEALS = 1033
 F_GET_SEALS = 1034
 
+# fadvise64 advice (linux/fadvise.h, 64-bit ABIs)
+POSIX_FADV_NORMAL, POSIX_FADV_RANDOM, POSIX_FADV_SEQUENTIAL = 0, 1, 2
+POSIX_FADV_WILLNEED, POSIX_FADV_DONTNEED, POSIX_FADV_NOREUSE = 3, 4, 5
+
+# madvise advice (asm-generic/mman-common.h), all but MADV_COLD (20), MADV_PAGEOUT (21)
+# and the CAP_SYS_ADMIN ones (MADV_HWPOISON 100, MADV_SOFT_OFFLINE 101)
+MADV_KEPT = (
+    0, 1, 2, 3, 4,  # NORMAL, RANDOM, SEQUENTIAL, WILLNEED, DONTNEED
+    8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19,  # FREE ... KEEPONFORK
+    22, 23, 24, 25,  # POPULATE_READ, POPULATE_WRITE, DONTNEED_LOCKED, COLLAPSE
+    102, 103,  # GUARD_INSTALL, GUARD_REMOVE
+)  # fmt: skip
+
 LOW_32_BITS = 0xFFFFFFFF  # int arguments: the kernel ignores the high word
 
 # ---------------------------------------------------------------------------
@@ -163,7 +176,7 @@ REFUSED: frozenset[str] = frozenset({
 # Allowed for every language: what glibc, CPython 3.11 and node 20 call.
 BASE_ALLOW: frozenset[str] = frozenset({
     # memory
-    "brk", "mmap", "munmap", "mprotect", "mremap", "madvise", "msync",
+    "brk", "mmap", "munmap", "mprotect", "mremap", "msync",  # madvise: ARG_RULES
     "membarrier",  # JIT runtimes (V8) and glibc's sys_membarrier users
     # threads and scheduling (threading, worker_threads, OpenBLAS/OpenMP pools)
     "futex", "set_robust_list", "set_tid_address", "rseq", "gettid",
@@ -201,7 +214,7 @@ BASE_ALLOW: frozenset[str] = frozenset({
     # writing files in the private /tmp and working directory
     "mkdir", "mkdirat", "rmdir", "unlink", "unlinkat", "rename", "renameat", "renameat2",
     "link", "linkat", "symlink", "symlinkat", "chmod", "fchmod", "fchmodat",
-    "utimes", "utimensat", "futimesat", "truncate", "ftruncate", "fallocate", "fadvise64",
+    "utimes", "utimensat", "futimesat", "truncate", "ftruncate", "fallocate",
     "fsync", "fdatasync",
     "mknod", "mknodat",  # os.mkfifo; device nodes need CAP_MKNOD, which the worker lacks
     "memfd_create", "sendfile", "copy_file_range",
@@ -251,6 +264,14 @@ ARG_RULES: tuple[ArgRule, ...] = (
         F_DUPFD, F_DUPFD_CLOEXEC, F_GETFD, F_SETFD, F_GETFL, F_SETFL,
         F_GETPIPE_SZ, F_SETPIPE_SZ, F_ADD_SEALS, F_GET_SEALS,
     ), errno.ENOSYS),
+    # the page cache of the shared read-only files: a run that could evict their pages
+    # and time its reads learns which pages another run read (a channel of hundreds of
+    # bits a second, shown by test_redteam_channels.py), so no eviction on demand
+    ArgRule("fadvise64", 3, LOW_32_BITS, (
+        POSIX_FADV_NORMAL, POSIX_FADV_RANDOM, POSIX_FADV_SEQUENTIAL,
+        POSIX_FADV_WILLNEED, POSIX_FADV_NOREUSE,
+    ), errno.EINVAL),
+    ArgRule("madvise", 2, LOW_32_BITS, MADV_KEPT, errno.EINVAL),
     ArgRule("prctl", 0, LOW_32_BITS, (
         PR_SET_NAME, PR_GET_NAME,  # thread names (pthread_setname_np on itself)
         PR_SET_VMA,  # glibc and V8 name anonymous mappings

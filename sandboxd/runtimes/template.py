@@ -59,6 +59,21 @@ WARM_UP = {
     ),
 }
 
+# State a warm module drew once from the OS and every fork of the template would
+# otherwise share: run in each worker right after its fork, when the module is warm.
+# numpy's global generator (numpy.random.random and friends) would give every run
+# the same numbers; Python's random reseeds itself at fork.
+RESEED_AFTER_FORK = {
+    "numpy": "import numpy\nnumpy.random.seed()\n",
+}
+
+
+def reseed_after_fork() -> None:
+    """Register RESEED_AFTER_FORK for the warm modules (in the template, before it forks)."""
+    for module, code in RESEED_AFTER_FORK.items():
+        if module in sys.modules:
+            os.register_at_fork(after_in_child=lambda code=code: exec(code, {}))
+
 
 def prepare(spec: JailSpec, scratch: str) -> list[str]:
     """Expose the jail's environment, then import the warm modules; problems as lines."""
@@ -159,6 +174,7 @@ def _serve(zygote: Zygote, sock: socket.socket) -> NoReturn:
         scratch = os.path.join(zygote.spec.runtime_dir, "warm-overlay")
         for problem in prepare(zygote.spec, scratch):
             print(f"sandboxd template: warm modules: {problem}", file=sys.stderr)
+        reseed_after_fork()
         gc.freeze()
         zygote.serve()
     except BaseException as exc:

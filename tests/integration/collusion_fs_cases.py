@@ -196,7 +196,8 @@ for _ in range(30):
 
 # A (timeout 2) passes its stdout and stderr to B and exits; B writes into them and,
 # once A's deadline is long past, writes MARKER. A's answer must never hold it.
-# The giver waits 1.5 s for a taker, so it ends before its own 2 s deadline when none comes.
+# Waits 1.5 s for a taker: less than its 2 s timeout, so it ends (and stamps its end)
+# by itself when no taker comes.
 GIVE_STDOUT = send_fds("sandboxd-isofs-stdout", "[1, 2]", 1.5, then="pass")
 WRITE_INTO_OTHER = (
     receive_fds("sandboxd-isofs-stdout")
