@@ -359,7 +359,12 @@ network_allow_mode_serves() {
 
 # The guest's NIC is QEMU's user network (restrict=on: nothing leaves it) and
 # nothing configures it; mode "allow" builds egress on the IPv4 default route.
+# The image's resolv.conf is the build host's, whose name server this guest cannot
+# reach: with a route, every lookup would wait out resolver timeouts (a reload's
+# offline pip then outlasts systemd's 120 s reload timeout). Empty, lookups fail at
+# once, as on a host with no resolver.
 ensure_default_route() {
+    : >/etc/resolv.conf
     [ -n "$(ip -4 route show default)" ] && return 0
     local nic
     nic=$(ip -o link show | awk -F': ' '$2 != "lo" { print $2; exit }')
