@@ -58,10 +58,10 @@ expect() {
 # Every client call is bounded: a daemon that never answers fails the check
 # instead of hanging the test.
 sandboxd() { timeout 180 /usr/bin/sandboxd "$@"; }
-# A run over the native socket; prints the result JSON. Its exit status is the
-# code's (non-zero for a bomb), so it is not checked: `field` fails loudly when
-# the output is not a result.
-run_json() { sandboxd run --json --language "$1" -c "$2" || true; }
+# run_json LANGUAGE CODE [RUN OPTION...]: a run over the native socket; prints the
+# result JSON. Its exit status is the code's (non-zero for a bomb), so it is not
+# checked: `field` fails loudly when the output is not a result.
+run_json() { sandboxd run --json --language "$1" -c "$2" "${@:3}" || true; }
 # field JSON KEY: one top-level field of a JSON object, as Python's str().
 field() { python3 -c 'import json, sys; print(json.loads(sys.argv[1]).get(sys.argv[2]))' "$1" "$2" || echo "not a JSON result: $1"; }
 
@@ -165,7 +165,8 @@ python_over_http() {
 # Nothing was synced (the guest has no network): Debian's packages serve at once.
 offline_defaults_import() {
     local out
-    out=$(run_json python3 'import jinja2, requests, httpx; print(jinja2.Template("{{ n }}").render(n=42), jinja2.__file__)') || return 1
+    # Three packages' imports take long under emulation: the daemon's largest timeout.
+    out=$(run_json python3 'import jinja2, requests, httpx; print(jinja2.Template("{{ n }}").render(n=42), jinja2.__file__)' --timeout 60) || return 1
     expect status "$(field "$out" status)" ok || return 1
     expect stdout "$(field "$out" stdout)" "42 /usr/lib/python3/dist-packages/jinja2/__init__.py"
 }
@@ -235,6 +236,18 @@ wait_progress() {
 
 main_pid() { systemctl show -P MainPID sandboxd.service; }
 
+# wait_busy_slot: until /metrics shows a run holding a slot (up to 120 s).
+wait_busy_slot() {
+    local i
+    for i in $(seq 240); do
+        curl -s --max-time 10 -H "X-Api-Key: $API_KEY" http://127.0.0.1:8194/metrics |
+            grep -qx 'sandboxd_busy_slots [1-9][0-9]*' && return 0
+        sleep 0.5
+    done
+    echo "no run held a slot within 120 s"
+    return 1
+}
+
 # wait_active: a reload is asynchronous on systemd 252 (Type=notify): `systemctl
 # reload` returns once SIGHUP is sent; the unit is "reloading" until READY=1.
 wait_active() {
@@ -285,8 +298,8 @@ restart_refuses_no_one() {
 stop_finishes_in_flight_runs() {
     run_json python3 $'import time\ntime.sleep(3)\nprint("finished")' >"$WORK/inflight" &
     local pid=$!
-    # Stop once the run is executing (a worker is busy).
-    sleep 1
+    # Stop once the run is in flight: it holds a slot (up to 120 s: the guest is emulated).
+    wait_busy_slot || { wait $pid; return 1; }
     systemctl stop sandboxd.service || return 1
     wait $pid || { echo "in-flight run: $(cat "$WORK/inflight")"; return 1; }
     expect "in-flight run" "$(field "$(cat "$WORK/inflight")" stdout)" finished || return 1
@@ -346,7 +359,12 @@ network_allow_mode_serves() {
 
 # The guest's NIC is QEMU's user network (restrict=on: nothing leaves it) and
 # nothing configures it; mode "allow" builds egress on the IPv4 default route.
+# The image's resolv.conf is the build host's, whose name server this guest cannot
+# reach: with a route, every lookup would wait out resolver timeouts (a reload's
+# offline pip then outlasts systemd's 120 s reload timeout). Empty, lookups fail at
+# once, as on a host with no resolver.
 ensure_default_route() {
+    : >/etc/resolv.conf
     [ -n "$(ip -4 route show default)" ] && return 0
     local nic
     nic=$(ip -o link show | awk -F': ' '$2 != "lo" { print $2; exit }')
