@@ -6,10 +6,12 @@ root:sandboxd) decide who may run code, exactly as for `sandboxd run`. This
 process holds no privilege and runs no code itself.
 
 Tools (one per language in ``TOOLS``): ``run_python`` and ``run_javascript``,
-each taking ``code`` with optional ``stdin`` and ``timeout``. A run that took
-place, whatever its verdict, answers with text (the verdict, stdout, stderr);
-a request the daemon refused (bad_request, overloaded, ...) answers with an MCP
-tool error carrying the daemon's code and message.
+each taking ``code`` with optional ``stdin``, ``timeout`` and ``files`` (name ->
+base64, written into the run's working directory). A run that took place,
+whatever its verdict, answers with text (the verdict, stdout, stderr), then one
+image content per figure the run left open, then one text per file it wrote
+under /tmp/out (base64); a request the daemon refused (bad_request, overloaded,
+...) answers with an MCP tool error carrying the daemon's code and message.
 
 Built on the official ``mcp`` SDK (an optional dependency: ``pip install
 'sandboxd[mcp]'``); the SDK runs on anyio, which runs it here on trio.
@@ -46,18 +48,21 @@ class Refused(Exception):
 
 
 def native_request(
-    language: Language, code: str, stdin: str | None, timeout: float | None
+    language: Language,
+    code: str,
+    stdin: str | None,
+    timeout: float | None,
+    files: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """The native request for one tool call; optional fields only when given.
-
-    Extension point: when the native protocol grows ``files`` (data-science issue),
-    the tools take it as a parameter and it is added here.
-    """
+    """The native request for one tool call; optional fields only when given (the
+    daemon checks them: a bad file name or bad base64 is its bad_request)."""
     request: dict[str, Any] = {"language": language, "code": code}
     if stdin is not None:
         request["stdin"] = stdin
     if timeout is not None:
         request["timeout"] = timeout
+    if files:
+        request["files"] = files
     return request
 
 
@@ -106,22 +111,46 @@ async def exchange(socket_path: str, request: dict[str, Any]) -> bytes:
     return bytes(data.split(b"\n", 1)[0])
 
 
-async def run_tool(socket_path: str, request: dict[str, Any]) -> str:
-    """One tool call: the result's text, or Refused with the daemon's reason."""
+def result_content(result: RunResult) -> list[Any]:
+    """The MCP content of a result: its text, each figure as an image, each file it
+    wrote as a text holding the file's base64 (needs the SDK's types)."""
+    from mcp.types import ImageContent, TextContent
+
+    content: list[Any] = [TextContent(type="text", text=result_text(result))]
+    content.extend(
+        ImageContent(type="image", data=image.base64, mime_type=image.mime)
+        for image in result.images
+    )
+    content.extend(
+        TextContent(type="text", text=f"--- file {item.name} ({item.mime}, base64) ---\n"
+                    f"{item.base64}")
+        for item in result.files
+    )  # fmt: skip
+    return content
+
+
+async def run_tool(socket_path: str, request: dict[str, Any]) -> list[Any]:
+    """One tool call: the result's content, or Refused with the daemon's reason."""
     answer = decode_answer(await exchange(socket_path, request))
     if isinstance(answer, ErrorReply):
         raise Refused(f"sandboxd refused the run: {answer.error.code}: {answer.error.message}")
-    return result_text(answer)
+    return result_content(answer)
 
 
 def _tool(socket_path: str, language: Language) -> Any:
     """The handler of one tool; its signature is the tool's input schema."""
 
-    async def handler(code: str, stdin: str | None = None, timeout: float | None = None) -> str:
+    async def handler(
+        code: str,
+        stdin: str | None = None,
+        timeout: float | None = None,
+        files: dict[str, str] | None = None,
+    ) -> list[Any]:
         from mcp.server.mcpserver.exceptions import ToolError
 
+        request = native_request(language, code, stdin, timeout, files)
         try:
-            return await run_tool(socket_path, native_request(language, code, stdin, timeout))
+            return await run_tool(socket_path, request)
         except Refused as error:
             raise ToolError(str(error)) from error
 

@@ -6,6 +6,7 @@ MCP to it over stdio, as an agent host does; every tool call is a real jailed ru
 
 from __future__ import annotations
 
+import base64
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -34,13 +35,15 @@ def text_of(result: mcp_types.CallToolResult) -> str:
     return block.text
 
 
-async def test_mcp_lists_a_tool_per_language_taking_code_stdin_timeout(daemon: Daemon) -> None:
+async def test_mcp_lists_a_tool_per_language_taking_code_stdin_timeout_files(
+    daemon: Daemon,
+) -> None:
     async with mcp_session(daemon.socket_path) as session:
         listed = await session.list_tools()
     tools = {tool.name: tool for tool in listed.tools}
     assert set(tools) == {"run_python", "run_javascript"}
     for tool in tools.values():
-        assert set(tool.input_schema["properties"]) == {"code", "stdin", "timeout"}
+        assert set(tool.input_schema["properties"]) == {"code", "stdin", "timeout", "files"}
         assert tool.input_schema["required"] == ["code"]
 
 
@@ -63,6 +66,24 @@ async def test_mcp_runs_python_and_javascript_in_the_sandbox(daemon: Daemon) -> 
     assert not node.is_error, node
     assert "status: ok" in text_of(node)
     assert "--- stdout ---\n42\n\n--- stderr ---\nto stderr\n" in text_of(node)
+
+
+async def test_mcp_sends_files_in_and_returns_the_files_the_run_wrote(daemon: Daemon) -> None:
+    code = (
+        "data = open('table.csv').read()\n"
+        "open('/tmp/out/upper.txt', 'w').write(data.upper())\n"
+        "print(len(data))"
+    )
+    async with mcp_session(daemon.socket_path) as session:
+        files = {"table.csv": base64.b64encode(b"a,b\n").decode()}
+        result = await session.call_tool("run_python", {"code": code, "files": files})
+    assert not result.is_error, result
+    verdict, returned = result.content
+    assert isinstance(verdict, mcp_types.TextContent) and verdict.text.startswith("status: ok")
+    assert isinstance(returned, mcp_types.TextContent), returned
+    head, encoded = returned.text.split("\n", 1)
+    assert head == "--- file upper.txt (application/octet-stream, base64) ---"
+    assert base64.b64decode(encoded) == b"A,B\n"
 
 
 async def test_mcp_reports_a_timeout_as_the_runs_verdict(daemon: Daemon) -> None:

@@ -5,8 +5,17 @@ from __future__ import annotations
 import sys
 
 import pytest
+from mcp.types import ImageContent, TextContent
 
-from sandboxd.mcpserver import Refused, decode_answer, main, native_request, result_text
+from sandboxd.artifacts import Artifact
+from sandboxd.mcpserver import (
+    Refused,
+    decode_answer,
+    main,
+    native_request,
+    result_content,
+    result_text,
+)
 from sandboxd.protocol import ErrorReply, RunResult
 
 
@@ -21,6 +30,9 @@ def test_native_request_carries_only_the_fields_given() -> None:
         "stdin": "in",
         "timeout": 2.5,
     }
+    assert native_request("python3", "x", None, None, {"a.csv": "eA=="})["files"] == {
+        "a.csv": "eA=="
+    }
 
 
 def test_result_text_puts_the_verdict_before_the_streams() -> None:
@@ -30,6 +42,20 @@ def test_result_text_puts_the_verdict_before_the_streams() -> None:
         "truncated: output exceeded the limit and was cut\nwall_ms: 12.3\n"
         "--- stdout ---\nout\n--- stderr ---\nerr"
     )
+
+
+def test_figures_become_image_content_and_files_base64_texts() -> None:
+    png = Artifact("figure-1.png", "image/png", "iVBORw0KGgo=")
+    csv = Artifact("out.csv", "application/octet-stream", "YSxi")
+    result = RunResult(
+        None, "ok", 0, None, "", "", False, 1.0, 1.0, None, images=[png], files=[csv]
+    )
+    text, image, file = result_content(result)
+    assert isinstance(text, TextContent) and text.text == result_text(result)
+    assert isinstance(image, ImageContent)
+    assert (image.data, image.mime_type) == ("iVBORw0KGgo=", "image/png")
+    assert isinstance(file, TextContent)
+    assert file.text == "--- file out.csv (application/octet-stream, base64) ---\nYSxi"
 
 
 def test_decode_answer_tells_a_refusal_from_a_result() -> None:
