@@ -4,7 +4,7 @@ Theory of operation
 -------------------
 A Generation is one zygote (zygote.py) and its pools. The daemon talks to the
 zygote over a seqpacket socket: each SpawnOrder comes back as four fds (job
-pipe, stdout, stderr, keeper socket) which become a Worker (worker.py). A Pool
+pipe, stdout, stderr, keeper socket) which become a WorkerHandle (worker.py). A Pool
 per (language, network) keeps `size` workers ready or preparing; a task per
 worker waits for its readiness report before the worker is offered, so a
 request never pays for jail setup. A taken worker's replacement is ordered
@@ -40,7 +40,7 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from sandboxd import control, deps, profiles, zygote
+from sandboxd import control, deps, profiles, verdict, zygote
 from sandboxd.config import Config, effective_pool_size
 from sandboxd.control import SpawnFailed, SpawnOrder, ZygoteStart
 from sandboxd.jail import JailSpec
@@ -51,7 +51,7 @@ from sandboxd.jobs import Dependency, Job
 from sandboxd.metrics import Metrics
 from sandboxd.protocol import Language, ProtocolError, RequestId, RunResult
 from sandboxd.seccomplog import SeccompLog
-from sandboxd.worker import Worker
+from sandboxd.worker import WorkerHandle
 
 log = logging.getLogger("sandboxd.pool")
 
@@ -177,7 +177,7 @@ class Pool:
         self.profile = profile
         self.size = size
         self.preparing = 0
-        self._send, self._receive = trio.open_memory_channel[Worker](size)
+        self._send, self._receive = trio.open_memory_channel[WorkerHandle](size)
         self._wanted = trio.Event()
         self.failures = 0
         self.last_error = ""
@@ -203,7 +203,7 @@ class Pool:
                 self._wanted = trio.Event()
 
     async def _prepare_one(self) -> None:
-        worker: Worker | None = None
+        worker: WorkerHandle | None = None
         offered = False
         try:
             worker = await self.dispatcher.new_worker(
@@ -242,7 +242,7 @@ class Pool:
                 return
             await self.dispatcher.retire(worker)
 
-    async def take(self) -> Worker:
+    async def take(self) -> WorkerHandle:
         if self.generation.dead:
             raise PoolRetired
         if self.failures >= FAILING_AFTER and self.ready == 0:
@@ -603,7 +603,7 @@ class Dispatcher:
         language: str,
         network: bool = False,
         profile: str = profiles.PLAIN,
-    ) -> Worker:
+    ) -> WorkerHandle:
         worker_id = next(self._ids)
         uid = self.uids.acquire()
         cgroup: RunCgroup | None = None
@@ -630,9 +630,9 @@ class Dispatcher:
                 self.uids.release(uid)
             raise
         generation.worker_started()
-        return Worker(worker_id, language, uid, fds, cgroup, generation.worker_retired)
+        return WorkerHandle(worker_id, language, uid, fds, cgroup, generation.worker_retired)
 
-    async def retire(self, worker: Worker, pool: Pool | None = None) -> None:
+    async def retire(self, worker: WorkerHandle, pool: Pool | None = None) -> None:
         """Close a worker whose keeper has reported its exit (or kill it first), then ask
         its pool (if any) for a replacement. Shielded: it must finish even at stop."""
         with trio.CancelScope(shield=True):
@@ -640,7 +640,7 @@ class Dispatcher:
         if pool is not None:
             pool.refill_soon()
 
-    async def _retire(self, worker: Worker) -> None:
+    async def _retire(self, worker: WorkerHandle) -> None:
         if worker.exited is None:
             await worker.kill()
             with trio.move_on_after(10):
@@ -710,7 +710,7 @@ class Dispatcher:
         self, pool: Pool, job: Job, request_id: RequestId, deadline: float, started: float
     ) -> RunResult:
         """Hold one slot from taking a worker until the worker is retired."""
-        worker: Worker | None = None
+        worker: WorkerHandle | None = None
         holding = False
         healing = False
         try:
@@ -733,7 +733,7 @@ class Dispatcher:
                     "retry in a few seconds",
                 )
             if worker is None:
-                return queued_too_long(request_id, (trio.current_time() - started) * 1000)
+                return verdict.queued_too_long(request_id, (trio.current_time() - started) * 1000)
             try:
                 if worker.cgroup is not None and job.memory_mb != self.config.limits.memory_mb:
                     try:
@@ -744,8 +744,9 @@ class Dispatcher:
                             f"memory_mb={job.memory_mb} is below what a {job.language} "
                             f"worker needs to start ({error.strerror})",
                         ) from error
-                outcome = await worker.run(
+                result = await worker.run(
                     job,
+                    request_id,
                     deadline,
                     self.config.limits.output_bytes,
                     0 if worker.cgroup is not None else job.memory_mb,
@@ -760,26 +761,7 @@ class Dispatcher:
             if holding:
                 self.slots.release()
                 self._report_slots()
-        if outcome.status == "blocked_syscall" and worker.pid is not None:
+        if result.status == "blocked_syscall" and worker.pid is not None:
             call = await self.seccomp_log.syscall_of(worker.pid)
-            if call is not None:
-                outcome.message = f"blocked system call {call.describe()}"
-        return RunResult(id=request_id, **outcome.__dict__)
-
-
-def queued_too_long(request_id: RequestId, waited_ms: float) -> RunResult:
-    """A request whose whole timeout passed while it waited for a worker: a timeout
-    whose message says no run was started, unlike a run that took too long."""
-    return RunResult(
-        id=request_id,
-        status="timeout",
-        exit_code=None,
-        signal=None,
-        stdout="",
-        stderr="",
-        truncated=False,
-        wall_ms=round(waited_ms, 3),
-        cpu_ms=0.0,
-        peak_memory_bytes=None,
-        message=f"no worker became free within {waited_ms / 1000:.3g} s",
-    )
+            result = verdict.with_blocked_call(result, call.describe() if call else None)
+        return result

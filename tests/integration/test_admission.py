@@ -16,7 +16,7 @@ from sandboxd.control import SpawnOrder
 from sandboxd.daemon import build_spec
 from sandboxd.pool import Zygote
 from sandboxd.protocol import ProtocolError
-from sandboxd.worker import Worker
+from sandboxd.worker import WorkerHandle
 from tests.integration.conftest import Daemon, start_daemon, stop_daemon
 
 SMALL = """
@@ -75,7 +75,7 @@ async def test_a_worker_whose_jail_setup_fails_never_runs_code(tmp_path: Path) -
     await zygote.start()
     try:
         fds = await zygote.spawn(SpawnOrder(1, "python3", 0xFFFFFFFF))
-        worker = Worker(1, "python3", 0xFFFFFFFF, fds, None, lambda: None)
+        worker = WorkerHandle(1, "python3", 0xFFFFFFFF, fds, None, lambda: None)
         with pytest.raises(ProtocolError) as caught:
             with trio.fail_after(30):
                 await worker.wait_ready()

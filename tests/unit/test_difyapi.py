@@ -16,8 +16,8 @@ from sandboxd.config import Config, HttpConfig, NetworkConfig, PythonConfig
 from sandboxd.difyapi import Context, Request, Response
 from sandboxd.jobs import Dependency, Job
 from sandboxd.metrics import Metrics
-from sandboxd.pool import queued_too_long
 from sandboxd.protocol import Language, ProtocolError, RequestId, RunResult, Status
+from sandboxd.verdict import queued_too_long
 
 KEY = "s3cret"
 AUTH = [(b"x-api-key", KEY.encode())]
