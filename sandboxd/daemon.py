@@ -24,10 +24,12 @@ import trio
 from sandboxd import debianpy, deps, http, server, systemd
 from sandboxd.budget import ByteBudget
 from sandboxd.config import Config, ConfigError, parse_listen
+from sandboxd.dispatcher import Dispatcher
+from sandboxd.generation import GenerationFailed
 from sandboxd.jail import JailSpec, cgroup, identity, network, rlimits, rootfs, scope
 from sandboxd.jail.scope import Placement
 from sandboxd.metrics import Metrics
-from sandboxd.pool import Dispatcher, GenerationFailed, Pool
+from sandboxd.pool import Pool
 from sandboxd.runtimes.nodejs import NODE_MODULES
 
 log = logging.getLogger("sandboxd")
