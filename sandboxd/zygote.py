@@ -190,7 +190,7 @@ class Zygote:
             os.close(fd)
         theirs.close()
         fds = array.array("i", [job_w, out_r, err_r, ours.fileno()])
-        reply = control.encoder.encode(Spawned(order.worker_id, pid))
+        reply = control.encoder.encode(Spawned(order.worker_id))
         self.sock.sendmsg([reply], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
         for fd in (job_w, out_r, err_r):
             os.close(fd)
