@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import trio
 
 from sandboxd import control, profiles, zygote
-from sandboxd.config import Config, effective_pool_size
+from sandboxd.config import Config, pool_sizes
 from sandboxd.control import SpawnFailed, SpawnOrder, ZygoteStart
 from sandboxd.jail import JailSpec
 from sandboxd.jail.cgroup import Backend, Limits, RunCgroup, remove_when_empty
@@ -137,7 +137,6 @@ class ZygoteHandle:
                 await self._process.wait()
 
 
-
 class Generation:
     """One zygote and its pools. A reload or a dependency switch starts a new generation
     and retires the old one: its ready workers are closed at once, and its zygote (whose
@@ -149,33 +148,12 @@ class Generation:
         # The pools' sizes and the run cgroups' limits.
         self.config = config
         self.zygote = ZygoteHandle(spec)
-        sizes: dict[Language, int] = {
-            "python3": config.python3.pool_size,
-            "nodejs": config.nodejs.pool_size,
-        }
+        science = bool(spec.python_warm_modules) and spec.python_site_packages is not None
+        plan = pool_sizes(config, spec.roots, spec.egress_netns is not None, science)
         self.pools: dict[PoolKey, Pool] = {
-            (language, False, profiles.PLAIN): Pool(self, language, effective_pool_size(size))
-            for language, size in sizes.items()
-            if language in spec.roots
+            (language, network, profile): Pool(self, language, size, network, profile)
+            for (language, network, profile), size in plan.items()
         }
-        if spec.egress_netns is not None:
-            # Runs that asked for network ([network] mode = "allow") get their own,
-            # smaller pools of workers in the egress network namespace.
-            for language, size in sizes.items():
-                if language in spec.roots:
-                    net_size = max(1, effective_pool_size(size) // 2)
-                    self.pools[(language, True, profiles.PLAIN)] = Pool(
-                        self, language, net_size, network=True
-                    )
-        if spec.python_warm_modules and spec.python_site_packages is not None:
-            # Runs that import a warm module get workers of the data-science template,
-            # half as many as their plain twins (the same network split).
-            for language, network, _ in list(self.pools):
-                if language == "python3":
-                    size = max(1, self.pools[(language, network, profiles.PLAIN)].size // 2)
-                    self.pools[(language, network, profiles.SCIENCE)] = Pool(
-                        self, language, size, network, profiles.SCIENCE
-                    )
         self.number = number
         self.live_workers = 0
         # Set when the zygote died on its own: the generation serves nothing more.
