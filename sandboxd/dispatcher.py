@@ -1,30 +1,22 @@
-"""The dispatcher: admission, the serving generation, and dispatch of jobs onto workers.
+"""The dispatcher: admission and dispatch of jobs onto the serving generation's workers.
 
 Theory of operation
 -------------------
-A Generation (generation.py) is one zygote and its pools (pool.py). A reload or
-a dependency switch starts a new generation and retires the old one once its
-last run is over (Dispatcher.replace).
-
-Faults heal (Dispatcher._heal): the zygote's exit is watched (its pidfd), and a
-zygote that dies is replaced by a new generation with the same spec, without a
-reload, backing off while new ones keep failing. Keepers do not die with the
-zygote (they answer to the daemon over their own sockets), so runs already on
-workers finish, and ready workers are retired through their keepers, which frees
-their uids and cgroups. Requests waiting meanwhile move to the new generation,
-or get `overloaded` when none is up before their deadline.
+A Generation (generation.py) is one zygote and its pools (pool.py); which one
+serves, and its replacement on a reload, a dependency switch or a zygote's death,
+is the Succession's (succession.py).
 
 Admission (admission.py, Dispatcher.run): at most max_requests requests are
 admitted (running plus waiting); beyond that, `overloaded` at once. A request
 holds one of max_workers slots from taking a worker until its run is over. Its
-deadline starts at admission, so time spent waiting counts against its timeout.
-Each worker runs one job and is then retired (Generation.retire_worker). What
-the run came to is decided in verdict.py.
+deadline starts at admission, so time spent waiting counts against its timeout;
+a request whose pool was retired while it waited moves to the serving one
+(Succession.serving_pool). Each worker runs one job and is then retired
+(Generation.retire_worker). What the run came to is decided in verdict.py.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -33,33 +25,23 @@ import trio
 from sandboxd import deps, profiles, verdict
 from sandboxd.admission import Admission
 from sandboxd.config import Config
-from sandboxd.generation import MIB, Generation, GenerationFailed, Shared
+from sandboxd.generation import MIB, Generation, GenerationFailed
 from sandboxd.jail import JailSpec
-from sandboxd.jail.identity import UidPool
 from sandboxd.jail.scope import Placement
 from sandboxd.jobs import Dependency, Job
 from sandboxd.metrics import Metrics
-from sandboxd.pool import FAILING_AFTER, Pool, PoolKey, PoolRetired
+from sandboxd.pool import Pool, PoolKey, PoolRetired
 from sandboxd.protocol import Language, ProtocolError, RequestId, RunResult
 from sandboxd.seccomplog import SeccompLog
+from sandboxd.succession import Succession
 from sandboxd.worker import WorkerHandle
 
 log = logging.getLogger("sandboxd.dispatcher")
 
 SpecBuilder = Callable[[Config, bool], tuple[JailSpec, dict[str, str]]]
 
-# Pause before healing a dead generation: doubled while new generations keep dying
-# within HEAL_RESET seconds of their start, so a broken zygote does not spin.
-HEAL_BACKOFF_MIN = 0.05
-HEAL_BACKOFF_MAX = 5.0
-HEAL_RESET = 30.0
-# While a dead generation is being replaced the daemon counts as healthy (systemd's
-# watchdog is kept fed) for this long; past it, the watchdog is the last resort.
-HEAL_WATCHDOG_GRACE = 120.0
-
-
 class Dispatcher:
-    """The daemon's core service: admission, generations of pools, runs (jobs.Service)."""
+    """The daemon's core service (jobs.Service): admission, runs, dependency syncs."""
 
     def __init__(
         self,
@@ -70,8 +52,6 @@ class Dispatcher:
         unavailable: dict[str, str] | None = None,
         spec_builder: SpecBuilder | None = None,
     ) -> None:
-        # The running config: the next generation's pool sizes, the limits of admission.
-        self.config = config
         # Where each generation's run cgroups go (None: rlimits only).
         self.placement = placement
         # Builds the jail spec anew (after a dependency sync), with the languages it lacks.
@@ -83,27 +63,17 @@ class Dispatcher:
         self._report_slots()
         self.admission = Admission(lambda: self.config.limits, metrics)
         self.runs_served = 0
-        self._shared = Shared(
-            uids=UidPool(config.jail.uid_min, config.jail.uid_max),
-            placement=placement,
-            metrics=metrics,
-            ids=itertools.count(1),
-            start_soon=self.start_soon,
-            ready_changed=self.report_ready,
-            on_death=self.generation_died,
+        self.succession = Succession(
+            config,
+            spec,
+            placement,
+            metrics,
+            self.start_soon,
+            self.report_ready,
+            lambda: self.admission.stopping,
         )
-        self._numbers = itertools.count(1)
-        self.generation = self._new_generation(spec)
         self.seccomp_log = SeccompLog()
         self._nursery: trio.Nursery | None = None
-        self._replacing = trio.Lock()
-        # Set (and renewed) each time a new generation starts serving.
-        self._switched = trio.Event()
-        self._heal_backoff = 0.0
-        # Generations started in place of one whose zygote died.
-        self.heals = 0
-        # When the serving generation's zygote died (None while it is alive).
-        self._dead_since: float | None = None
 
     @property
     def admitted(self) -> int:
@@ -119,8 +89,37 @@ class Dispatcher:
     def stopping(self, value: bool) -> None:
         self.admission.stopping = value
 
-    def _new_generation(self, spec: JailSpec) -> Generation:
-        return Generation(self._shared, spec, self.config, next(self._numbers))
+    @property
+    def config(self) -> Config:
+        """The running config: the limits of admission and runs, the next pools' sizes."""
+        return self.succession.config
+
+    @property
+    def generation(self) -> Generation:
+        """The serving generation."""
+        return self.succession.generation
+
+    @property
+    def heals(self) -> int:
+        """Generations started in place of one whose zygote died."""
+        return self.succession.heals
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        """Start the first generation; returns once all its workers are ready."""
+        self._nursery = nursery
+        await self.succession.start(nursery)
+
+    def healthy(self) -> bool:
+        """Whether systemd's watchdog should be fed (Succession.healthy)."""
+        return self.succession.healthy()
+
+    async def replace(self, config: Config, spec: JailSpec, unavailable: dict[str, str]) -> None:
+        """Serve from a new generation once it is warm (Succession.replace), with its
+        config's slots and the languages it lacks."""
+        await self.succession.replace(config, spec)
+        self.slots.total_tokens = config.limits.max_workers
+        self._report_slots()
+        self.unavailable = unavailable
 
     @property
     def spec(self) -> JailSpec:
@@ -130,102 +129,10 @@ class Dispatcher:
     def pools(self) -> dict[PoolKey, Pool]:
         return self.generation.pools
 
-    async def start(self, nursery: trio.Nursery) -> None:
-        """Start the first generation; returns once all its workers are ready."""
-        self._nursery = nursery
-        try:
-            await nursery.start(self.generation.run)
-        except GenerationFailed:
-            if not self.generation.dead:
-                raise  # the zygote cannot start at all: the daemon cannot serve
-            log.error("the first zygote died while it warmed up; starting another")
-            while self.generation.dead:  # _heal, started by generation_died, is on it
-                await self._switched.wait()
-
     def start_soon(self, task: Callable[..., Awaitable[object]], *args: object) -> None:
         """Run a task in the dispatcher's nursery (tidying up after a request)."""
         assert self._nursery is not None, "start() first"
         self._nursery.start_soon(task, *args)
-
-    async def _start_generation(self, spec: JailSpec, warm: bool = True) -> Generation:
-        """A new generation (warm, or with its zygote up); GenerationFailed (with nothing
-        left running) if not."""
-        assert self._nursery is not None, "start() first"
-        fresh = self._new_generation(spec)
-        try:
-            await self._nursery.start(fresh.run, warm)
-        except GenerationFailed:
-            await fresh.retire()
-            raise
-        if fresh.dead:  # died right after warming up (and is being retired)
-            raise GenerationFailed("the zygote died as its generation started")
-        return fresh
-
-    def healthy(self) -> bool:
-        """Whether systemd's watchdog should be fed: every pool of the serving generation
-        starts its workers, or a dead generation is being replaced (for a while)."""
-        if self._dead_since is not None:
-            return trio.current_time() - self._dead_since < HEAL_WATCHDOG_GRACE
-        return all(p.failures < FAILING_AFTER for p in self.pools.values())
-
-    def _serve_from(self, fresh: Generation) -> Generation:
-        old, self.generation = self.generation, fresh
-        self._dead_since = None
-        self._switched.set()
-        self._switched = trio.Event()
-        return old
-
-    async def replace(self, config: Config, spec: JailSpec, unavailable: dict[str, str]) -> None:
-        """Serve from a new generation once it is warm; runs in flight finish on the old.
-        Raises GenerationFailed (the old generation goes on serving) if it cannot start."""
-        async with self._replacing:
-            running, self.config = self.config, config  # the new pools' sizes and limits
-            try:
-                fresh = await self._start_generation(spec)
-            except GenerationFailed:
-                self.config = running
-                raise
-            self.slots.total_tokens = config.limits.max_workers
-            self._report_slots()
-            self.unavailable = unavailable
-            self.start_soon(self._serve_from(fresh).retire)
-
-    def generation_died(self, dead: Generation) -> None:
-        """Called by a generation whose zygote died: retire it, and heal if it served."""
-        self.start_soon(dead.retire)
-        if dead is self.generation and not self.stopping:
-            self._dead_since = trio.current_time()
-            self.start_soon(self._heal, dead)
-
-    async def _heal(self, dead: Generation) -> None:
-        """Replace a dead generation by one with the same spec, backing off on failure."""
-        async with self._replacing:
-            if trio.current_time() - dead.started_at > HEAL_RESET:
-                self._heal_backoff = 0.0
-            while dead is self.generation and not self.stopping:
-                if self._heal_backoff:
-                    log.warning("next generation in %.2f s", self._heal_backoff)
-                    await trio.sleep(self._heal_backoff)
-                self._heal_backoff = min(
-                    HEAL_BACKOFF_MAX, max(HEAL_BACKOFF_MIN, 2 * self._heal_backoff)
-                )
-                try:
-                    # Nothing serves meanwhile: switch once the zygote is up, and let
-                    # waiting requests take its first workers as they get ready.
-                    fresh = await self._start_generation(dead.spec, warm=False)
-                except GenerationFailed as error:
-                    log.error("healing: %s", error)
-                    continue
-                self._serve_from(fresh)
-                self.heals += 1
-                log.info("healed: generation %d serves", fresh.number)
-
-    async def _serving_pool(self, key: PoolKey) -> Pool:
-        """The current generation's pool for `key`, once the generation is alive."""
-        while self.generation.dead:
-            await self._switched.wait()
-        language, network, _ = key
-        return self.pools.get(key) or self.pools[(language, network, profiles.PLAIN)]
 
     def why_unavailable(self) -> str | None:
         """Why a run cannot be taken now, or None (what GET /health reports)."""
@@ -329,7 +236,7 @@ class Dispatcher:
                         worker = await pool.take()
                     except PoolRetired:
                         healing = self.generation.dead
-                        pool = await self._serving_pool(self._pool_key(job))
+                        pool = await self.succession.serving_pool(self._pool_key(job))
                         healing = False
             self.metrics.observe_queue_wait(job.language, trio.current_time() - started)
             if worker is None and healing:

@@ -8,8 +8,8 @@ keeper socket) which become a WorkerHandle (worker.py). Generation.new_worker
 gives each worker a uid (jail/identity.UidPool) and a run cgroup, and
 Generation.retire_worker frees them: the uid only once the cgroup is empty (the
 keeper's report where there are no cgroups), when the worker's whole pid
-namespace is gone. A generation whose zygote dies tells its dispatcher
-(Shared.on_death), which replaces it (dispatcher.py).
+namespace is gone. A generation whose zygote dies says so (Shared.on_death),
+and the Succession replaces it (succession.py).
 """
 
 from __future__ import annotations
@@ -201,7 +201,7 @@ class Generation:
 
     async def _watch_zygote(self) -> None:
         """A zygote exits only when retired (this task is cancelled first), so an exit
-        seen here is a fault: stop refilling and let the dispatcher replace us (on_death)."""
+        seen here is a fault: stop refilling and let the succession replace us (on_death)."""
         status = await self.zygote.wait_exit()
         log.error(
             "generation %d: the zygote (pid %d) died (status %d)",

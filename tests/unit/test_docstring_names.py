@@ -32,6 +32,7 @@ MODULES = (
     "sandboxd.runtimes",
     "sandboxd.seccomplog",
     "sandboxd.server",
+    "sandboxd.succession",
     "sandboxd.verdict",
     "sandboxd.worker",
     "sandboxd.zygote",
@@ -110,3 +111,14 @@ def test_a_theory_of_operation_names_only_what_exists(module: str) -> None:
 def test_the_check_catches_a_stale_name() -> None:
     stale = "`prepare_python()` in rootfs.py builds a Zygote; pool.Dispatcher runs it (gone.py)"
     assert _missing(stale) == ["gone.py", "pool.Dispatcher", "prepare_python()"]
+
+
+def test_the_readme_map_names_files_that_exist() -> None:
+    readme = (PACKAGE.parent / "README.md").read_text()
+    start = readme.index("## How it works")
+    table = readme[start : readme.index("In short:", start)]
+    named = re.findall(r"`((?:[a-z_0-9]+/)*[a-z_0-9]+\.(?:py|js))`", table)
+    assert len(named) > 10, table
+    assert [name for name in named if not (PACKAGE / name).exists()] == []
+    functions = re.findall(r"`([a-z_]+)`", table)
+    assert functions and [name for name in functions if name not in NAMES] == []
