@@ -13,13 +13,15 @@ import ipaddress
 import os
 import re
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Annotated, Any, Literal, NamedTuple, get_args, get_origin
 
 import msgspec
 
+from sandboxd import profiles
 from sandboxd.budget import REQUEST_COPIES, request_cost
 from sandboxd.jail import network, seccomp
+from sandboxd.protocol import Language
 
 NetworkMode = Literal["deny", "reject", "allow"]
 CgroupMode = Literal["systemd", "auto", "off"]
@@ -186,6 +188,37 @@ class ConfigError(Exception):
 def effective_pool_size(size: int) -> int:
     """A pool_size as configured, with 0 meaning default_pool_size()."""
     return size or default_pool_size()
+
+
+# (language, with network, profile): one pool of ready workers.
+PoolPlan = dict[tuple[Language, bool, str], int]
+
+
+def pool_sizes(config: Config, languages: Iterable[str], network: bool, science: bool) -> PoolPlan:
+    """The pools a generation keeps, in warm-up order, with their sizes: the plain pool
+    of each language; with network (an egress namespace), a pool half as big for runs
+    that asked for it; with science (warm modules and an environment holding them), a
+    data-science pool of python3 half as big as each plain python3 pool."""
+    sizes: dict[Language, int] = {
+        "python3": config.python3.pool_size,
+        "nodejs": config.nodejs.pool_size,
+    }
+    served = [language for language in sizes if language in set(languages)]
+    plan: PoolPlan = {
+        (language, False, profiles.PLAIN): effective_pool_size(sizes[language])
+        for language in served
+    }
+    if network:
+        for language in served:
+            plan[(language, True, profiles.PLAIN)] = max(
+                1, plan[(language, False, profiles.PLAIN)] // 2
+            )
+    if science:
+        for language, with_network, _ in list(plan):
+            if language == "python3":
+                half = max(1, plan[(language, with_network, profiles.PLAIN)] // 2)
+                plan[(language, with_network, profiles.SCIENCE)] = half
+    return plan
 
 
 def parse_listen(listen: str) -> tuple[str, int] | None:
@@ -456,16 +489,20 @@ def _check(config: Config, sources: _Sources) -> None:
     for other in ("server.max_line_bytes", "http.max_body_bytes"):
         if config.clients.max_buffered_bytes < request_cost(_value(config, other)):
             raise fail("clients.max_buffered_bytes", f">= {REQUEST_COPIES} x {other}", other)
-    # Every worker that can be alive at once runs as its own uid.
-    alive = (
-        effective_pool_size(config.python3.pool_size)
-        + effective_pool_size(config.nodejs.pool_size)
-        + config.limits.max_workers
+    # Every worker that can be alive at once runs as its own uid: during a reload the
+    # old generation's pools stay full until the new one's are warm, and max_workers run.
+    plan = pool_sizes(
+        config,
+        ("python3", "nodejs"),
+        network=config.network.mode == "allow",
+        science=bool(config.python3.warm_modules.strip(" ,")),
     )
+    alive = 2 * sum(plan.values()) + config.limits.max_workers
     if config.jail.uid_max - config.jail.uid_min + 1 < alive:
         raise fail(
             "jail.uid_max",
-            f">= jail.uid_min + {alive - 1}: the python3 and nodejs pool sizes plus"
+            f">= jail.uid_min + {alive - 1}: two generations of pools ({sum(plan.values())}"
+            f" workers each, network and data-science pools included) plus"
             f" limits.max_workers make {alive} workers, each needing its own uid",
             "jail.uid_min",
         )

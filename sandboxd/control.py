@@ -32,7 +32,6 @@ class Spawned(msgspec.Struct, frozen=True, tag=True):
     """Sent with four fds: job write end, stdout read end, stderr read end, keeper socket."""
 
     worker_id: int
-    keeper_pid: int
 
 
 class SpawnFailed(msgspec.Struct, frozen=True, tag=True):

@@ -24,10 +24,12 @@ import trio
 from sandboxd import debianpy, deps, http, server, systemd
 from sandboxd.budget import ByteBudget
 from sandboxd.config import Config, ConfigError, parse_listen
-from sandboxd.jail import JailSpec, cgroup, identity, network, rootfs, scope
+from sandboxd.dispatcher import Dispatcher
+from sandboxd.generation import GenerationFailed
+from sandboxd.jail import JailSpec, cgroup, identity, network, rlimits, rootfs, scope
 from sandboxd.jail.scope import Placement
 from sandboxd.metrics import Metrics
-from sandboxd.pool import Dispatcher, GenerationFailed, Pool
+from sandboxd.pool import Pool
 from sandboxd.runtimes.nodejs import NODE_MODULES
 
 log = logging.getLogger("sandboxd")
@@ -83,7 +85,7 @@ def build_spec(config: Config, cgroups_in_force: bool) -> tuple[JailSpec, dict[s
         hostname=config.jail.hostname,
         tmp_size_mb=limits.tmp_size_mb,
         max_memory_mb=limits.max_memory_mb * backstop,
-        max_cpu_seconds=int(limits.max_timeout + 0.999),
+        max_cpu_seconds=rlimits.cpu_seconds(limits.max_timeout),
         tasks=limits.tasks * backstop,
         file_size_mb=limits.file_size_mb,
         open_files=limits.open_files,

@@ -33,7 +33,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import msgspec
 
-from sandboxd import protocol
+from sandboxd import jobs, protocol
 from sandboxd.artifacts import Artifact
 from sandboxd.config import Config
 from sandboxd.jobs import Dependency, Job, Service, job_from_request
@@ -171,8 +171,6 @@ def authorized(headers: list[tuple[bytes, bytes]], api_key: str) -> bool:
 
 # --- dify run --------------------------------------------------------------------------
 
-NETWORK_DISABLED = "network is disabled, please enable it in the configuration"
-
 _LANGUAGES: dict[str, Language] = {name: name for name in protocol.LANGUAGES}
 
 
@@ -215,16 +213,17 @@ def dify_job(body: bytes, config: Config) -> Job | Response:
     language = _LANGUAGES.get(request.language)
     if language is None:
         return envelope(400, -400, "unsupported language")
-    wants_network = bool(request.enable_network)
-    if wants_network and config.network.mode == "reject":
-        return envelope(200, -400, NETWORK_DISABLED)
+    try:
+        network = jobs.network_of(bool(request.enable_network), config)
+    except ProtocolError as refused:
+        return envelope(200, -400, refused.message)
     preload = (request.preload or "") if config.python3.enable_preload else ""
     return Job(
         language=language,
         code=request.code,
         timeout=config.limits.timeout,
         memory_mb=config.limits.memory_mb,
-        network=wants_network and config.network.mode == "allow",
+        network=network,
         preload=preload,
     )
 

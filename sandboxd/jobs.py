@@ -1,7 +1,8 @@
 """A job is a request after validation and capping: what a worker is told to run.
 
 Both front ends (the native protocol and the dify-sandbox API) turn their input
-into a Job here, so limits are capped in one place and no request field reaches
+into a Job with the rules here (capped_timeout, capped_memory, network_of), so
+limits are capped in one place and no request field reaches
 a setting the config does not expose to requests (invariant 13).
 """
 
@@ -71,11 +72,17 @@ def capped_memory(requested: int | None, config: Config) -> int:
 NETWORK_DISABLED = "network is disabled, please enable it in the configuration"
 
 
-def job_from_request(request: RunRequest, config: Config) -> Job:
-    """The native request as a job; enable_network only takes effect in "allow" mode
-    and is refused in "reject" mode (dify-sandbox's behaviour)."""
-    if request.enable_network and config.network.mode == "reject":
+def network_of(wanted: bool, config: Config) -> bool:
+    """Whether a run that asked for network (or not) gets it: only in "allow" mode; in
+    "reject" mode asking is refused (dify-sandbox's behaviour), ProtocolError(bad_request)."""
+    if wanted and config.network.mode == "reject":
         raise ProtocolError("bad_request", NETWORK_DISABLED)
+    return wanted and config.network.mode == "allow"
+
+
+def job_from_request(request: RunRequest, config: Config) -> Job:
+    """The native request as a job; enable_network per network_of()."""
+    network = network_of(request.enable_network, config)
     language: Language = "nodejs" if request.language == "nodejs" else "python3"
     if request.files and language != "python3":
         raise ProtocolError("bad_request", "files: only python3 runs take files")
@@ -84,7 +91,7 @@ def job_from_request(request: RunRequest, config: Config) -> Job:
         code=request.code,
         timeout=capped_timeout(request.timeout, config),
         memory_mb=capped_memory(request.memory_mb, config),
-        network=request.enable_network and config.network.mode == "allow",
+        network=network,
         stdin=request.stdin,
         files=inputfiles.decode(request.files),
     )

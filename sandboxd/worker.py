@@ -1,9 +1,10 @@
 """The daemon's side of one worker: its fds, readiness, and running one job on it.
 
-The outcome of a run is assembled only from what the daemon itself observed:
-the bytes read from the stdout/stderr pipes (capped), the keeper's wait4 status
-and rusage, whether the daemon killed it (timeout, output cap), and the kernel's
-cgroup counters. Nothing the worker says after it got ready is believed.
+The facts of a run are gathered only from what the daemon itself observed: the
+bytes read from the stdout/stderr pipes (capped), the keeper's wait4 status and
+rusage, whether the daemon killed it (timeout, output cap), and the kernel's
+cgroup counters; verdict.py judges them. Nothing the worker says after it got
+ready is believed.
 
 The answer is bounded by the deadline (DESIGN.md invariant 18): when the worker
 has exited, its whole pid namespace is gone and the pipes reach end-of-file at
@@ -15,28 +16,24 @@ feeding stdin and reading, and the run is a `timeout`.
 
 from __future__ import annotations
 
-import math
-import os
 import select
-import signal
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
 
-from sandboxd import artifacts, control
+from sandboxd import artifacts, control, verdict
 from sandboxd.control import Exited, JobHeader, Ready
-from sandboxd.jail.cgroup import RunCgroup, Usage
+from sandboxd.jail.cgroup import RunCgroup
 from sandboxd.jobs import Job
-from sandboxd.protocol import ProtocolError, Status
+from sandboxd.protocol import ProtocolError, RequestId, RunResult
 
 # How long a killed worker may take to be reaped before the run is declared lost.
 KILL_GRACE = 10.0
 READ_CHUNK = 65536
 # How long after the deadline the daemon still waits for end-of-file on the output.
 OUTPUT_GRACE = 0.5
-HELD_OPEN = "the run's output pipes were still held open after its deadline"
 
 
 @dataclass
@@ -52,23 +49,9 @@ class Output:
         return self.cap - len(self.stdout) - len(self.stderr)
 
 
-@dataclass
-class Outcome:
-    status: Status
-    exit_code: int | None
-    signal: int | None
-    stdout: str
-    stderr: str
-    truncated: bool
-    wall_ms: float
-    cpu_ms: float
-    peak_memory_bytes: int | None
-    message: str | None = None
-    images: list[artifacts.Artifact] = field(default_factory=list)
-    files: list[artifacts.Artifact] = field(default_factory=list)
+class WorkerHandle:
+    """The daemon's handle on one jailed worker: its pipes and its keeper's socket."""
 
-
-class Worker:
     def __init__(
         self,
         worker_id: int,
@@ -151,9 +134,15 @@ class Worker:
                 sink += chunk
 
     async def run(
-        self, job: Job, deadline: float, output_cap: int, rlimit_memory_mb: int
-    ) -> Outcome:
-        """Run the job; rlimit_memory_mb 0 keeps the worker's backstop (cgroups enforce)."""
+        self,
+        job: Job,
+        request_id: RequestId,
+        deadline: float,
+        output_cap: int,
+        rlimit_memory_mb: int,
+    ) -> RunResult:
+        """Run the job and judge it (verdict.py); rlimit_memory_mb 0 keeps the worker's
+        backstop (cgroups enforce)."""
         boundary = artifacts.new_boundary() if job.language == "python3" else ""
         header = JobHeader(
             code=job.code,
@@ -185,15 +174,23 @@ class Worker:
             held_open = not drained.is_set()
             nursery.cancel_scope.cancel()  # stop feeding and reading: invariant 18
         wall_ms = (trio.current_time() - started) * 1000
-        usage = self.cgroup.usage() if self.cgroup else None
+        assert self.exited is not None
         split = artifacts.split(bytes(output.stdout), boundary)
-        output.stdout = bytearray(split.stdout)
-        result = outcome(self.exited, output, timed_out or held_open, wall_ms, job, usage)
-        result.images, result.files = split.images, split.files
-        result.truncated = result.truncated or split.truncated
-        if held_open and not timed_out:
-            result.message = HELD_OPEN
-        return result
+        facts = verdict.Facts(
+            exited=self.exited,
+            stdout=split.stdout,
+            stderr=bytes(output.stderr),
+            over_cap=output.exceeded,
+            timed_out=timed_out,
+            held_open=held_open,
+            wall_ms=wall_ms,
+            timeout=job.timeout,
+            usage=self.cgroup.usage() if self.cgroup else None,
+            images=split.images,
+            files=split.files,
+            artifacts_truncated=split.truncated,
+        )
+        return verdict.judge(request_id, facts)
 
     async def _drain_all(self, output: Output, drained: trio.Event) -> None:
         async with trio.open_nursery() as nursery:
@@ -216,48 +213,3 @@ class Worker:
                     self.exited = message
         except ProtocolError:
             pass  # keeper gone: the worker went with it (parent-death signal)
-
-
-def outcome(
-    exited: Exited, output: Output, timed_out: bool, wall_ms: float, job: Job, usage: Usage | None
-) -> Outcome:
-    """The verdict, from the kernel's facts only, most specific first: a limit the kernel
-    enforced (OOM kill, pids.max) explains a run better than the timeout that followed."""
-    status_word = exited.status
-    signum = os.WTERMSIG(status_word) if os.WIFSIGNALED(status_word) else None
-    exit_code = os.WEXITSTATUS(status_word) if os.WIFEXITED(status_word) else None
-    cpu_seconds = exited.utime + exited.stime
-    if usage is not None and usage.cpu_usec is not None:
-        cpu_seconds = usage.cpu_usec / 1e6
-    cpu_limit = max(1, math.ceil(job.timeout))
-    status: Status
-    if output.exceeded:
-        status = "output_limit"
-    elif usage is not None and usage.oom_kills > 0:
-        status = "memory"
-    elif usage is not None and usage.pids_max_hits > 0:
-        status = "tasks"
-    elif timed_out:
-        status = "timeout"
-    elif signum == signal.SIGSYS:
-        status = "blocked_syscall"
-    elif signum in (signal.SIGKILL, signal.SIGXCPU) and cpu_seconds >= cpu_limit:
-        status = "timeout"  # RLIMIT_CPU
-    elif signum is not None:
-        status = "killed"
-    elif exit_code == 0:
-        status = "ok"
-    else:
-        status = "error"
-    peak = usage.peak_memory_bytes if usage is not None else None
-    return Outcome(
-        status=status,
-        exit_code=exit_code,
-        signal=signum,
-        stdout=output.stdout.decode("utf-8", errors="replace"),
-        stderr=output.stderr.decode("utf-8", errors="replace"),
-        truncated=output.exceeded,
-        wall_ms=round(wall_ms, 3),
-        cpu_ms=round(cpu_seconds * 1000, 3),
-        peak_memory_bytes=peak if peak is not None else exited.maxrss_kb * 1024,
-    )

@@ -28,19 +28,14 @@ from sandboxd import control, runtimes
 from sandboxd.control import Exited, Ready, Spawned, SpawnFailed, SpawnOrder, ZygoteStart
 from sandboxd.jail import (
     JailSpec,
-    identity,
+    contain,
     libc,
     namespaces,
     network,
-    rlimits,
     rootfs,
     seccomp,
 )
 from sandboxd.runtimes import template
-
-# Readiness pipe of the worker while it prepares; closed before user code runs.
-READY_FD = 3
-SETUP_FAILED_EXIT = 111
 
 # Modules imported once here so that every worker starts with them warm.
 WARM_MODULES = (
@@ -110,10 +105,6 @@ def command(control_fd: int) -> list[str]:
     return [sys.executable, "-I", "-S", "-c", boot, str(control_fd)]
 
 
-def root_of(spec: JailSpec, language: str) -> str:
-    return os.path.join(spec.runtime_dir, f"root-{language}")
-
-
 class Zygote:
     def __init__(self, sock: socket.socket, spec: JailSpec) -> None:
         self.sock = sock
@@ -142,7 +133,7 @@ class Zygote:
             if self.spec.egress_netns is not None:
                 # The host's resolver may be on its loopback, unreachable from the jail.
                 files["/etc/resolv.conf"] = network.resolv_conf()
-            rootfs.build(root_of(self.spec, language), entries, files)
+            rootfs.build(contain.root_of(self.spec, language), entries, files)
         for name in WARM_MODULES:
             __import__(name)
         # -S skipped site and the builtins it adds (exit, quit, help, copyright, credits,
@@ -199,7 +190,7 @@ class Zygote:
             os.close(fd)
         theirs.close()
         fds = array.array("i", [job_w, out_r, err_r, ours.fileno()])
-        reply = control.encoder.encode(Spawned(order.worker_id, pid))
+        reply = control.encoder.encode(Spawned(order.worker_id))
         self.sock.sendmsg([reply], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
         for fd in (job_w, out_r, err_r):
             os.close(fd)
@@ -246,7 +237,7 @@ class Keeper:
         if pid == 0:
             os.close(go_w)
             os.close(ready_r)
-            worker_main(self.zygote, self.order, self.stdio, go_r, ready_w)
+            _enter_jail(self.zygote, self.order, self.stdio, go_r, ready_w)
         os.close(go_r)
         os.close(ready_w)
         for fd in self.stdio:
@@ -307,44 +298,24 @@ def describe_status(status: int) -> str:
     return f"exited with status {os.WEXITSTATUS(status)}"
 
 
-def worker_main(
+def _enter_jail(
     zygote: Zygote, order: SpawnOrder, stdio: tuple[int, int, int], go_r: int, ready_w: int
 ) -> NoReturn:
-    """Pid 1 of the new namespaces: jail itself, report ready, run one job. Fails closed."""
+    """Pid 1 of the new namespaces: jail itself (jail/contain.py), run one job."""
     # Only runs with network get the proxy's variables.
     spec = zygote.spec if order.network else msgspec.structs.replace(zygote.spec, proxy_env={})
     runtime = runtimes.get(order.language)
-    report_fd = ready_w
-    step = "start"
-    try:
-        os.read(go_r, 1)  # wait until the keeper has put us into our cgroup
-        step = "fds"
-        for target, fd in enumerate((*stdio, ready_w)):
-            os.dup2(fd, target, inheritable=target < READY_FD)
-        report_fd = READY_FD
-        os.closerange(READY_FD + 1, 1 << 20)
-        step = "filesystem"
-        rootfs.enter(root_of(spec, order.language), spec.tmp_size_mb, order.uid)
-        step = "hostname"
-        libc.sethostname(spec.hostname)
-        step = "session"
-        os.setsid()
-        step = "rlimits"
-        rlimits.apply(spec)
-        step = "identity"
-        identity.drop(order.uid)
-        libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
-        step = "runtime"
-        runtime.prepare(spec)
-        step = "seccomp"
-        seccomp.load(zygote.programs[order.language, order.network])
-        step = "start"
-        runtime.start(spec, READY_FD)
-    except BaseException as exc:
-        try:
-            os.write(report_fd, f"{step}: {exc}".encode())
-        finally:
-            os._exit(SETUP_FAILED_EXIT)
+    contain.contain(
+        spec,
+        contain.root_of(spec, order.language),
+        order.uid,
+        zygote.programs[order.language, order.network],
+        runtime.prepare,
+        runtime.start,
+        stdio,
+        go_r,
+        ready_w,
+    )
 
 
 def main() -> NoReturn:

@@ -10,7 +10,7 @@ Two layouts, one interface:
   see scope.py) with one child per worker: memory.max, memory.swap.max=0, pids.max,
   cpu.max; memory.events, pids.events, cpu.stat, memory.peak.
 - legacy (cgroup v1, e.g. hosts with the hybrid layout and no systemd PID 1):
-  one directory per worker in each of the memory, pids and cpu,cpuacct hierarchies.
+  one directory per worker in the memory and pids hierarchies, and in cpu for a quota.
 """
 
 from __future__ import annotations
@@ -218,7 +218,7 @@ class UnifiedBackend:
 class LegacyCgroup:
     """Each v1 directory costs a mkdir and an rmdir per run (a fraction of a millisecond
     each, measured), so only memory and pids always; cpu only for a quota. CPU time comes
-    from the keeper's rusage instead of cpuacct."""
+    from the keeper's rusage (Usage.cpu_usec is None)."""
 
     def __init__(self, parent: str, name: str, limits: Limits) -> None:
         self.memory = f"{V1_ROOT}/memory/{parent}/{name}"
@@ -271,7 +271,7 @@ class LegacyCgroup:
 
 
 class LegacyBackend:
-    """Per-run directories in the v1 memory, pids, cpu and cpuacct hierarchies."""
+    """Per-run directories in the v1 memory, pids and cpu hierarchies (CONTROLLERS_V1)."""
 
     name = "cgroup1"
 
@@ -327,7 +327,7 @@ def remove_stale_legacy() -> list[str]:
 
 
 def legacy_available() -> bool:
-    """True when the v1 memory, pids, cpu and cpuacct hierarchies are mounted and writable."""
+    """True when the v1 memory, pids and cpu hierarchies are mounted and writable."""
     return all(
         os.access(f"{V1_ROOT}/{controller}/cgroup.procs", os.W_OK) for controller in CONTROLLERS_V1
     )

@@ -6,6 +6,7 @@ lowers them to the job's values once the job arrives (lowering needs no privileg
 
 from __future__ import annotations
 
+import math
 import resource
 from collections.abc import Callable
 
@@ -30,6 +31,12 @@ LIMITS: dict[int, Callable[[JailSpec], tuple[int, int]]] = {
 }
 
 
+def cpu_seconds(timeout: float) -> int:
+    """The RLIMIT_CPU soft limit of a run with this timeout (whole seconds, at least 1);
+    a run killed at it is judged a timeout (verdict.py)."""
+    return max(1, math.ceil(timeout))
+
+
 def apply(spec: JailSpec) -> None:
     for which, derive in LIMITS.items():
         resource.setrlimit(which, derive(spec))
@@ -37,7 +44,7 @@ def apply(spec: JailSpec) -> None:
 
 def lower_for_job(memory_mb: int, timeout: float) -> None:
     """Tighten memory (unless 0: cgroups enforce it) and CPU to the job's own limits."""
-    cpu = max(1, int(timeout + 0.999))
+    cpu = cpu_seconds(timeout)
     limits = {resource.RLIMIT_CPU: (cpu, cpu + 1)}
     if memory_mb:
         limits[resource.RLIMIT_DATA] = (memory_mb * MIB, memory_mb * MIB)

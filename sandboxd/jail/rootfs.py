@@ -1,6 +1,7 @@
 """The read-only root a worker pivots into.
 
-prepare_*(): in the daemon, once: which host paths a language's root holds
+python_entries(), node_entries(): in the daemon, once: which host paths a language's
+root holds
 (the runtime, the shared libraries it links, tz data, dependencies).
 build(): in the zygote's private mount namespace, once: a tmpfs with those
 paths bind-mounted read-only, a minimal /dev and /etc, then made read-only.

@@ -14,9 +14,9 @@ import trio
 from sandboxd.config import Config
 from sandboxd.control import SpawnOrder
 from sandboxd.daemon import build_spec
-from sandboxd.pool import Zygote
+from sandboxd.generation import ZygoteHandle
 from sandboxd.protocol import ProtocolError
-from sandboxd.worker import Worker
+from sandboxd.worker import WorkerHandle
 from tests.integration.conftest import Daemon, start_daemon, stop_daemon
 
 SMALL = """
@@ -71,11 +71,11 @@ async def test_a_worker_whose_jail_setup_fails_never_runs_code(tmp_path: Path) -
     config = Config()
     spec, _ = build_spec(config, cgroups_in_force=False)
     spec = msgspec.structs.replace(spec, runtime_dir=str(tmp_path))
-    zygote = Zygote(spec)
+    zygote = ZygoteHandle(spec)
     await zygote.start()
     try:
         fds = await zygote.spawn(SpawnOrder(1, "python3", 0xFFFFFFFF))
-        worker = Worker(1, "python3", 0xFFFFFFFF, fds, None, lambda: None)
+        worker = WorkerHandle(1, "python3", 0xFFFFFFFF, fds, None, lambda: None)
         with pytest.raises(ProtocolError) as caught:
             with trio.fail_after(30):
                 await worker.wait_ready()

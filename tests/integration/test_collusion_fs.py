@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from sandboxd.worker import HELD_OPEN
+from sandboxd.verdict import HELD_OPEN
 from tests.integration.collusion_fs_cases import (
     GIVE_STDOUT,
     HOLD_LOCKS,

@@ -18,6 +18,7 @@ from sandboxd.config import (
     effective_pool_size,
     load_config,
     parse_listen,
+    pool_sizes,
 )
 
 SHIPPED = Path(__file__).parents[2] / "etc" / "sandboxd" / "sandboxd.toml"
@@ -206,16 +207,33 @@ def test_uid_max_below_uid_min_is_an_error(tmp_path: Path) -> None:
 
 
 def test_uid_pool_must_hold_every_worker_that_can_be_alive(tmp_path: Path) -> None:
-    pools = "[python3]\npool_size = 3\n[nodejs]\npool_size = 2\n[limits]\nmax_workers = 4\n"
-    # 3 + 2 + 4 = 9 workers: 9 uids are enough, 8 are not.
-    assert load_text(tmp_path, pools + "[jail]\nuid_min = 100\nuid_max = 108\n")
-    message = error_of(tmp_path, pools + "[jail]\nuid_min = 100\nuid_max = 107\n")
-    assert message.startswith(f"jail.uid_max = 107 ({tmp_path}/sandboxd.toml:9) must be >=")
-    assert "9 workers" in message
+    pools = (
+        '[python3]\npool_size = 3\nwarm_modules = ""\n[nodejs]\npool_size = 2\n'
+        "[limits]\nmax_workers = 4\n"
+    )
+    # Two generations of 3 + 2 during a reload, + 4 running = 14: 14 uids are enough.
+    assert load_text(tmp_path, pools + "[jail]\nuid_min = 100\nuid_max = 113\n")
+    message = error_of(tmp_path, pools + "[jail]\nuid_min = 100\nuid_max = 112\n")
+    assert message.startswith(f"jail.uid_max = 112 ({tmp_path}/sandboxd.toml:10) must be >=")
+    assert "14 workers" in message
+
+
+def test_uid_pool_counts_the_network_and_data_science_pools(tmp_path: Path) -> None:
+    pools = (
+        "[python3]\npool_size = 4\n[nodejs]\npool_size = 2\n[limits]\nmax_workers = 4\n"
+        '[network]\nmode = "allow"\n'
+    )
+    # Plain 4 + 2, network 2 + 1, data science 2 + 1 (python3 only): 12 a generation.
+    plan = pool_sizes(load_text(tmp_path, pools), ("python3", "nodejs"), True, True)
+    assert sum(plan.values()) == 12
+    assert load_text(tmp_path, pools + "[jail]\nuid_min = 100\nuid_max = 127\n")
+    message = error_of(tmp_path, pools + "[jail]\nuid_min = 100\nuid_max = 126\n")
+    assert "28 workers" in message
 
 
 def test_uid_pool_counts_default_pool_sizes(tmp_path: Path) -> None:
-    alive = 2 * default_pool_size() + 4
+    plain = default_pool_size()
+    alive = 2 * (2 * plain + max(1, plain // 2)) + 4
     message = error_of(tmp_path, f"[jail]\nuid_min = 100\nuid_max = {100 + alive - 2}\n")
     assert f"{alive} workers" in message
 

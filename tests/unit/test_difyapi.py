@@ -11,13 +11,13 @@ from typing import Any, get_args
 import msgspec
 import pytest
 
-from sandboxd import difyapi
+from sandboxd import difyapi, jobs
 from sandboxd.config import Config, HttpConfig, NetworkConfig, PythonConfig
 from sandboxd.difyapi import Context, Request, Response
 from sandboxd.jobs import Dependency, Job
 from sandboxd.metrics import Metrics
-from sandboxd.pool import queued_too_long
 from sandboxd.protocol import Language, ProtocolError, RequestId, RunResult, Status
+from sandboxd.verdict import queued_too_long
 
 KEY = "s3cret"
 AUTH = [(b"x-api-key", KEY.encode())]
@@ -544,7 +544,7 @@ async def test_native_run_with_network_in_reject_mode_is_400_in_the_native_envel
     response = await call("POST", "/v1/run", body, service=service, cfg=cfg)
     assert response.status == 400
     assert json.loads(response.body) == {
-        "id": 3, "error": {"code": "bad_request", "message": difyapi.NETWORK_DISABLED}
+        "id": 3, "error": {"code": "bad_request", "message": jobs.NETWORK_DISABLED}
     }  # fmt: skip
     assert service.jobs == []
 

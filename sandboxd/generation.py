@@ -1,0 +1,300 @@
+"""A generation: one zygote, its pools, and the workers it forks and retires.
+
+Theory of operation
+-------------------
+The daemon talks to the zygote (zygote.py) over a seqpacket socket through a
+ZygoteHandle: each SpawnOrder comes back as four fds (job pipe, stdout, stderr,
+keeper socket) which become a WorkerHandle (worker.py). Generation.new_worker
+gives each worker a uid (jail/identity.UidPool) and a run cgroup, and
+Generation.retire_worker frees them: the uid only once the cgroup is empty (the
+keeper's report where there are no cgroups), when the worker's whole pid
+namespace is gone. A generation whose zygote dies says so (Shared.on_death),
+and the Succession replaces it (succession.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import trio
+
+from sandboxd import control, profiles, zygote
+from sandboxd.config import Config, pool_sizes
+from sandboxd.control import SpawnFailed, SpawnOrder, ZygoteStart
+from sandboxd.jail import JailSpec
+from sandboxd.jail.cgroup import Backend, Limits, RunCgroup, remove_when_empty
+from sandboxd.jail.identity import UidPool
+from sandboxd.jail.scope import Placement
+from sandboxd.metrics import Metrics
+from sandboxd.pool import Pool, PoolKey
+from sandboxd.protocol import Language, ProtocolError
+from sandboxd.worker import WorkerHandle
+
+log = logging.getLogger("sandboxd.generation")
+
+ZYGOTE_START_TIMEOUT = 60.0
+MIB = 1024 * 1024
+# How long a retired worker's processes may take to leave its cgroup (they are killed).
+VANISHED_GRACE = 10.0
+
+
+class GenerationFailed(Exception):
+    """A new generation could not start (its zygote failed or died while warming up)."""
+
+
+@dataclass(frozen=True)
+class Shared:
+    """What every generation of one dispatcher shares, and how it reports back."""
+
+    uids: UidPool
+    # Where each generation's run cgroups go (None: rlimits only).
+    placement: Placement | None
+    metrics: Metrics
+    # Worker ids, unique across generations.
+    ids: Iterator[int]
+    # Runs a task in the dispatcher's nursery (tidying up after a request).
+    start_soon: Callable[..., None]
+    # A pool's ready count changed: the dispatcher reports the gauge.
+    ready_changed: Callable[[Language], None]
+    # The zygote died on its own (not retired).
+    on_death: Callable[[Generation], None]
+
+
+class ZygoteHandle:
+    """The daemon's handle on the zygote process."""
+
+    def __init__(self, spec: JailSpec) -> None:
+        self.spec = spec
+        self._lock = trio.Lock()
+        self._process: trio.Process | None = None
+        self._sock: trio.socket.SocketType | None = None
+
+    async def start(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
+        try:
+            self._process = await trio.lowlevel.open_process(
+                zygote.command(theirs.fileno()),
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+                env=env,
+            )
+        finally:
+            theirs.close()
+        self._sock = trio.socket.from_stdlib_socket(ours)
+        await self._sock.send(control.encoder.encode(ZygoteStart(self.spec)))
+        with trio.fail_after(ZYGOTE_START_TIMEOUT):
+            answer = await self._sock.recv(16)
+        if answer != b"ready":
+            raise RuntimeError("the zygote failed to start (see its messages above)")
+
+    async def spawn(self, order: SpawnOrder) -> list[int]:
+        """Order one worker; its four fds, or ProtocolError(internal) with the reason."""
+        assert self._sock is not None
+        async with self._lock:
+            await self._sock.send(control.encoder.encode(order))
+            packet, ancdata, _, _ = await self._sock.recvmsg(
+                control.MAX_PACKET, socket.CMSG_SPACE(4 * 4)
+            )
+        fds: list[int] = []
+        for level, kind, data in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.extend(memoryview(data).cast("i"))
+        if not packet:
+            raise ProtocolError("internal", "the zygote died")
+        reply = control.zygote_reply_decoder.decode(packet)
+        if isinstance(reply, SpawnFailed):
+            for fd in fds:
+                os.close(fd)
+            raise ProtocolError("internal", f"cannot fork a worker: {reply.message}")
+        if len(fds) != 4:
+            raise ProtocolError("internal", "the zygote sent a worker without its fds")
+        return fds
+
+    @property
+    def pid(self) -> int:
+        assert self._process is not None, "start() first"
+        return self._process.pid
+
+    async def wait_exit(self) -> int:
+        """Until the zygote process exits (its pidfd); its exit status."""
+        assert self._process is not None, "start() first"
+        return await self._process.wait()
+
+    async def stop(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+        if self._process is not None:
+            with trio.move_on_after(5):
+                await self._process.wait()
+            if self._process.returncode is None:
+                self._process.kill()
+                await self._process.wait()
+
+
+class Generation:
+    """One zygote and its pools. A reload or a dependency switch starts a new generation
+    and retires the old one: its ready workers are closed at once, and its zygote (whose
+    death would kill its keepers and so their workers) lives until its last run is over."""
+
+    def __init__(self, shared: Shared, spec: JailSpec, config: Config, number: int) -> None:
+        self.shared = shared
+        self.spec = spec
+        # The pools' sizes and the run cgroups' limits.
+        self.config = config
+        self.zygote = ZygoteHandle(spec)
+        science = bool(spec.python_warm_modules) and spec.python_site_packages is not None
+        plan = pool_sizes(config, spec.roots, spec.egress_netns is not None, science)
+        self.pools: dict[PoolKey, Pool] = {
+            (language, network, profile): Pool(self, language, size, network, profile)
+            for (language, network, profile), size in plan.items()
+        }
+        self.number = number
+        self.live_workers = 0
+        # Set when the zygote died on its own: the generation serves nothing more.
+        self.dead = False
+        self.started_at = 0.0
+        # The run cgroups of this generation (None: rlimits only).
+        self.cgroups: Backend | None = None
+        self._scope = trio.CancelScope()
+        self._all_retired = trio.Event()
+        self._retiring = False
+
+    async def run(
+        self, warm: bool = True, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Start the zygote and keep the pools full; started() once every pool is warm
+        (or, with warm=False, as soon as the zygote is up: nothing else serves meanwhile).
+
+        Raises GenerationFailed when the zygote cannot start or dies before started()."""
+        self.started_at = trio.current_time()
+        try:
+            await self.zygote.start()
+            placement = self.shared.placement
+            if placement is not None:
+                self.cgroups = await trio.to_thread.run_sync(
+                    placement.attach, self.zygote.pid, self.number
+                )
+        except (OSError, RuntimeError, trio.TooSlowError) as error:
+            raise GenerationFailed(f"the zygote did not start: {error!r}") from error
+        started = False
+        with self._scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._watch_zygote)
+                for pool in self.pools.values():
+                    if not warm:
+                        nursery.start_soon(pool.refill)
+                        continue
+                    await nursery.start(pool.refill)
+                    if self.dead:
+                        break
+                if not self.dead:
+                    started = True
+                    task_status.started()
+        if not started:
+            raise GenerationFailed("the zygote died while its pools were warming up")
+
+    async def _watch_zygote(self) -> None:
+        """A zygote exits only when retired (this task is cancelled first), so an exit
+        seen here is a fault: stop refilling and let the succession replace us (on_death)."""
+        status = await self.zygote.wait_exit()
+        log.error(
+            "generation %d: the zygote (pid %d) died (status %d)",
+            self.number,
+            self.zygote.pid,
+            status,
+        )
+        self.dead = True
+        self._scope.cancel()
+        self.shared.on_death(self)
+
+    def ready_changed(self, language: Language) -> None:
+        """A pool of this generation gained or lost a ready worker."""
+        self.shared.ready_changed(language)
+
+    async def new_worker(
+        self,
+        language: str,
+        network: bool = False,
+        profile: str = profiles.PLAIN,
+    ) -> WorkerHandle:
+        worker_id = next(self.shared.ids)
+        uid = self.shared.uids.acquire()
+        cgroup: RunCgroup | None = None
+        try:
+            if self.cgroups is not None:
+                limits = self.config.limits
+                run_limits = Limits(limits.memory_mb * MIB, limits.tasks, limits.cpu_percent)
+                cgroup = self.cgroups.create(f"w{worker_id}", run_limits)
+            order = SpawnOrder(
+                worker_id,
+                language,
+                uid,
+                cgroup.procs_files if cgroup is not None else [],
+                network,
+                profile,
+            )
+            fds = await self.zygote.spawn(order)
+        except BaseException:
+            # A zygote that died mid-order may have forked the keeper already: its worker
+            # is killed when the keeper's socket hangs up; the uid waits for its cgroup.
+            with trio.CancelScope(shield=True):
+                free = cgroup is None or await trio.to_thread.run_sync(
+                    remove_when_empty, cgroup, VANISHED_GRACE
+                )
+            if free:
+                self.shared.uids.release(uid)
+            raise
+        self.live_workers += 1
+        return WorkerHandle(worker_id, language, uid, fds, cgroup, self._worker_closed)
+
+    async def retire_worker(self, worker: WorkerHandle, pool: Pool | None = None) -> None:
+        """Close a worker whose keeper has reported its exit (or kill it first), then ask
+        its pool (if any) for a replacement. Shielded: it must finish even at stop."""
+        with trio.CancelScope(shield=True):
+            await self._retire_worker(worker)
+        if pool is not None:
+            pool.refill_soon()
+
+    async def _retire_worker(self, worker: WorkerHandle) -> None:
+        if worker.exited is None:
+            await worker.kill()
+            with trio.move_on_after(10):
+                await worker.wait_exit()
+        # The uid is free once no process of the run is left: its cgroup shows that
+        # (even when its keeper vanished and reported nothing), else the keeper's report.
+        if worker.cgroup is not None:
+            free = await trio.to_thread.run_sync(remove_when_empty, worker.cgroup, VANISHED_GRACE)
+        else:
+            free = worker.exited is not None
+        if free:
+            self.shared.uids.release(worker.uid)
+        else:
+            log.error("worker %d did not exit; its uid stays reserved", worker.worker_id)
+        # Last: closing tells the generation, which removes its cgroups after its last worker.
+        await worker.close()
+
+    def _worker_closed(self) -> None:
+        self.live_workers -= 1
+        if self.live_workers == 0 and self._scope.cancel_called:
+            self._all_retired.set()
+
+    async def retire(self) -> None:
+        """Stop refilling, close the ready workers, wait for running ones, stop the zygote."""
+        self._scope.cancel()
+        if self._retiring:
+            return
+        self._retiring = True
+        with trio.CancelScope(shield=True):
+            for pool in self.pools.values():
+                await pool.drain()
+            if self.live_workers:
+                await self._all_retired.wait()
+            await self.zygote.stop()
+            if self.cgroups is not None:
+                self.cgroups.close()
