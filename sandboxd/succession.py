@@ -30,7 +30,7 @@ from sandboxd.jail import JailSpec
 from sandboxd.jail.identity import UidPool
 from sandboxd.jail.scope import Placement
 from sandboxd.metrics import Metrics
-from sandboxd.pool import FAILING_AFTER, Pool, PoolKey
+from sandboxd.pool import Pool, PoolKey
 from sandboxd.protocol import Language
 
 log = logging.getLogger("sandboxd.succession")
@@ -113,11 +113,13 @@ class Succession:
         return fresh
 
     def healthy(self) -> bool:
-        """Whether systemd's watchdog should be fed: every pool of the serving generation
-        starts its workers, or a dead generation is being replaced (for a while)."""
+        """Whether systemd's watchdog should be fed: some pool of the serving generation
+        can take runs (what GET /health says too), or a dead generation is being replaced
+        (for a while). One language whose workers fail to start (node slower than
+        READY_TIMEOUT under emulation, say) must not get the others restarted with it."""
         if self._dead_since is not None:
             return trio.current_time() - self._dead_since < HEAL_WATCHDOG_GRACE
-        return all(p.failures < FAILING_AFTER for p in self.generation.pools.values())
+        return any(p.serving for p in self.generation.pools.values())
 
     def _serve_from(self, fresh: Generation) -> Generation:
         old, self.generation = self.generation, fresh
