@@ -152,6 +152,16 @@ def restart_daemon(daemon: Daemon, env: dict[str, str] | None = None) -> None:
     _wait_until_serving(daemon)
 
 
+def serve_command(
+    config_path: str, socket_path: str, runtime_dir: str, state_dir: str
+) -> list[str]:
+    """`sandboxd serve` of this checkout with its own config, socket and directories."""
+    return [
+        sys.executable, "-m", "sandboxd", "serve", "--config", config_path,
+        "--socket", socket_path, "--runtime-dir", runtime_dir, "--state-dir", state_dir,
+    ]  # fmt: skip
+
+
 def _launch(
     config_path: str,
     socket_path: str,
@@ -162,20 +172,7 @@ def _launch(
 ) -> subprocess.Popen[bytes]:
     with log_path.open("ab") as log:
         return subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "sandboxd",
-                "serve",
-                "--config",
-                config_path,
-                "--socket",
-                socket_path,
-                "--runtime-dir",
-                runtime_dir,
-                "--state-dir",
-                state_dir,
-            ],
+            serve_command(config_path, socket_path, runtime_dir, state_dir),
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,

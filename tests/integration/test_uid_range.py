@@ -8,7 +8,13 @@ import sys
 from pathlib import Path
 
 from sandboxd.jail.identity import UID_LOCK_DIR
-from tests.integration.conftest import UID_BLOCK, _uid_blocks, start_daemon, stop_daemon
+from tests.integration.conftest import (
+    UID_BLOCK,
+    _uid_blocks,
+    serve_command,
+    start_daemon,
+    stop_daemon,
+)
 
 
 def _serve_with_range(
@@ -18,18 +24,9 @@ def _serve_with_range(
     base.mkdir(parents=True, exist_ok=True)
     return subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "sandboxd",
-            "serve",
-            "--config",
-            config_path,
-            "--socket",
-            str(base / "s.sock"),
-            "--runtime-dir",
-            str(base / "run"),
-            "--state-dir",
-            str(base / "state"),
+            *serve_command(
+                config_path, str(base / "s.sock"), str(base / "run"), str(base / "state")
+            ),
             "--http",
             "none",
         ],
