@@ -25,7 +25,7 @@ import trio
 from sandboxd import deps, profiles, verdict
 from sandboxd.admission import Admission
 from sandboxd.config import Config
-from sandboxd.generation import MIB, Generation, GenerationFailed
+from sandboxd.generation import Generation, GenerationFailed
 from sandboxd.jail import JailSpec
 from sandboxd.jail.scope import Placement
 from sandboxd.jobs import Dependency, Job
@@ -247,10 +247,14 @@ class Dispatcher:
                 )
             if worker is None:
                 return verdict.queued_too_long(request_id, (trio.current_time() - started) * 1000)
+            limits = verdict.limits_of(
+                job.timeout, job.memory_mb, self.config.limits, worker.cgroup is not None
+            )
+            prepared = verdict.default_limits(self.config.limits)
             try:
-                if worker.cgroup is not None and job.memory_mb != self.config.limits.memory_mb:
+                if worker.cgroup is not None and limits.memory_bytes != prepared.memory_bytes:
                     try:
-                        worker.cgroup.set_memory_limit(job.memory_mb * MIB)
+                        worker.cgroup.set_memory_limit(limits.memory_bytes)
                     except OSError as error:  # EBUSY: below what the runtime already uses
                         raise ProtocolError(
                             "bad_request",
@@ -261,8 +265,8 @@ class Dispatcher:
                     job,
                     request_id,
                     deadline,
-                    self.config.limits.output_bytes,
-                    0 if worker.cgroup is not None else job.memory_mb,
+                    limits.output_bytes,
+                    limits.rlimit_memory_mb,
                 )
             except BaseException:
                 with trio.CancelScope(shield=True):

@@ -23,11 +23,11 @@ from dataclasses import dataclass
 
 import trio
 
-from sandboxd import control, profiles, zygote
+from sandboxd import control, profiles, verdict, zygote
 from sandboxd.config import Config, pool_sizes
 from sandboxd.control import SpawnFailed, SpawnOrder, ZygoteStart
 from sandboxd.jail import JailSpec
-from sandboxd.jail.cgroup import Backend, Limits, RunCgroup, remove_when_empty
+from sandboxd.jail.cgroup import Backend, RunCgroup, remove_when_empty
 from sandboxd.jail.identity import UidPool
 from sandboxd.jail.scope import Placement
 from sandboxd.metrics import Metrics
@@ -38,7 +38,6 @@ from sandboxd.worker import WorkerHandle
 log = logging.getLogger("sandboxd.generation")
 
 ZYGOTE_START_TIMEOUT = 60.0
-MIB = 1024 * 1024
 # How long a retired worker's processes may take to leave its cgroup (they are killed).
 VANISHED_GRACE = 10.0
 
@@ -228,9 +227,8 @@ class Generation:
         cgroup: RunCgroup | None = None
         try:
             if self.cgroups is not None:
-                limits = self.config.limits
-                run_limits = Limits(limits.memory_mb * MIB, limits.tasks, limits.cpu_percent)
-                cgroup = self.cgroups.create(f"w{worker_id}", run_limits)
+                prepared = verdict.default_limits(self.config.limits)
+                cgroup = self.cgroups.create(f"w{worker_id}", prepared.cgroup())
             order = SpawnOrder(
                 worker_id,
                 language,

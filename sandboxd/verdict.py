@@ -3,7 +3,8 @@
 Every answer to a run is a protocol.RunResult built here, from what the daemon
 itself observed (Facts: the keeper's wait4 status and rusage, the kernel's cgroup
 counters, the captured output, whether the daemon killed the run), never from the
-worker's word. Three answers come from here:
+worker's word. limits_of() derives the limits a run is held to (each with its own
+verdict below); three answers come from here:
 
 - judge(): a run that got a worker, by the table in its docstring;
 - queued_too_long(): a request whose timeout passed before any worker was free;
@@ -21,13 +22,64 @@ from dataclasses import dataclass, field
 import msgspec
 
 from sandboxd import artifacts
+from sandboxd.config import LimitsConfig
 from sandboxd.control import Exited
-from sandboxd.jail.cgroup import Usage
+from sandboxd.jail.cgroup import Limits, Usage
 from sandboxd.jail.rlimits import cpu_seconds
 from sandboxd.protocol import RequestId, RunResult, Status
 
 # A run that exited in time but whose pipes another process still held open.
 HELD_OPEN = "the run's output pipes were still held open after its deadline"
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class RunLimits:
+    """The limits one run is held to, with the verdict each one gives."""
+
+    # Seconds from admission to the deadline, queue wait included -> timeout.
+    wall_seconds: float
+    # RLIMIT_CPU soft limit (whole seconds) -> timeout.
+    cpu_seconds: int
+    # The run cgroup's memory.max (no swap) -> memory.
+    memory_bytes: int
+    # RLIMIT_DATA the worker lowers itself to once it has the job; 0 keeps the spec's
+    # backstop, because the cgroup enforces memory_bytes.
+    rlimit_memory_mb: int
+    # The run cgroup's pids.max -> tasks.
+    tasks: int
+    # The run cgroup's CPU quota in percent of one core (0: none).
+    cpu_percent: int
+    # stdout+stderr kept -> output_limit (and truncated).
+    output_bytes: int
+    # RLIMIT_FSIZE and RLIMIT_NOFILE (set while the worker is prepared).
+    file_size_mb: int
+    open_files: int
+
+    def cgroup(self) -> Limits:
+        """What the run cgroup is created with."""
+        return Limits(self.memory_bytes, self.tasks, self.cpu_percent)
+
+
+def limits_of(timeout: float, memory_mb: int, limits: LimitsConfig, cgroups: bool) -> RunLimits:
+    """The limits of a run with this (capped) timeout and memory, under [limits];
+    `cgroups` says whether its worker has a run cgroup to enforce memory and tasks."""
+    return RunLimits(
+        wall_seconds=timeout,
+        cpu_seconds=cpu_seconds(timeout),
+        memory_bytes=memory_mb * MIB,
+        rlimit_memory_mb=0 if cgroups else memory_mb,
+        tasks=limits.tasks,
+        cpu_percent=limits.cpu_percent,
+        output_bytes=limits.output_bytes,
+        file_size_mb=limits.file_size_mb,
+        open_files=limits.open_files,
+    )
+
+
+def default_limits(limits: LimitsConfig) -> RunLimits:
+    """The limits of a run that asked for nothing: what a worker is prepared with."""
+    return limits_of(limits.timeout, limits.memory_mb, limits, cgroups=True)
 
 
 @dataclass(frozen=True)

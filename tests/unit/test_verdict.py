@@ -138,3 +138,37 @@ def test_a_request_that_never_ran_is_a_timeout_saying_so() -> None:
         2500.0,
     )
     assert queued.message == "no worker became free within 2.5 s"
+
+
+# --- The limits a run is held to (verdict.limits_of) ---
+
+
+def test_a_runs_limits_come_from_its_timeout_memory_and_the_config() -> None:
+    from sandboxd.config import LimitsConfig
+
+    config = LimitsConfig(tasks=32, output_bytes=1000, file_size_mb=8, open_files=64)
+    limits = verdict.limits_of(2.5, 128, config, cgroups=True)
+    assert limits.wall_seconds == 2.5
+    assert limits.cpu_seconds == 3 == cpu_seconds(2.5)
+    assert limits.memory_bytes == 128 * 1024 * 1024
+    assert limits.rlimit_memory_mb == 0  # the cgroup enforces memory
+    assert (limits.tasks, limits.output_bytes) == (32, 1000)
+    assert (limits.file_size_mb, limits.open_files) == (8, 64)
+    assert limits.cgroup().memory_bytes == limits.memory_bytes
+    assert limits.cgroup().tasks == 32
+    assert limits.cgroup().cpu_percent == config.cpu_percent
+
+
+def test_without_a_cgroup_memory_is_an_rlimit_and_a_short_run_gets_a_cpu_second() -> None:
+    from sandboxd.config import LimitsConfig
+
+    limits = verdict.limits_of(0.2, 64, LimitsConfig(), cgroups=False)
+    assert limits.rlimit_memory_mb == 64
+    assert limits.cpu_seconds == 1
+
+
+def test_a_worker_is_prepared_with_the_limits_of_a_run_that_asked_for_nothing() -> None:
+    from sandboxd.config import LimitsConfig
+
+    config = LimitsConfig(timeout=7.0, memory_mb=300)
+    assert verdict.default_limits(config) == verdict.limits_of(7.0, 300, config, cgroups=True)
