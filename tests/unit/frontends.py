@@ -1,5 +1,5 @@
 """An in-memory client for the front ends: drive serve_ndjson or serve_http over a trio
-memory stream pair with a fake Service, on trio's mock clock (timeouts fire at once
+memory stream pair with the fake Service (FakeService), on trio's mock clock (timeouts fire at once
 when everything waits), and collect every byte the server wrote until it closed."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 import h11
+import msgspec
 import trio
 import trio.testing
 
@@ -14,14 +15,32 @@ from sandboxd.jobs import Dependency, Job
 from sandboxd.protocol import Language, ProtocolError, RequestId, RunResult
 
 
-class EchoService:
-    """Answers a run with its code as stdout; code "overloaded" or "internal" is refused."""
+class FakeService:
+    """The front ends' one fake Service (jobs.Service): it records every job and sync.
+    A run is answered with `answer` (a canned RunResult, or a ProtocolError raised);
+    without one, with its code as stdout, and code "overloaded" or "internal" is
+    refused with that error."""
 
-    def __init__(self) -> None:
-        self.jobs: list[Job] = []
+    def __init__(
+        self,
+        answer: RunResult | ProtocolError | None = None,
+        deps: list[Dependency] | None = None,
+        sync_error: ProtocolError | None = None,
+    ) -> None:
+        self.answer = answer
+        self.deps = deps if deps is not None else [Dependency("jinja2", "3.1.2")]
+        self.sync_error = sync_error
+        self.jobs: list[tuple[Job, RequestId]] = []
+        self.synced: list[Language] = []
+        # What why_unavailable() reports (None: the daemon can take a run).
+        self.down: str | None = None
 
     async def run(self, job: Job, request_id: RequestId) -> RunResult:
-        self.jobs.append(job)
+        self.jobs.append((job, request_id))
+        if isinstance(self.answer, ProtocolError):
+            raise self.answer
+        if self.answer is not None:
+            return msgspec.structs.replace(self.answer, id=request_id)
         if job.code in ("overloaded", "internal"):
             raise ProtocolError(job.code, "refused by the fake service")
         return RunResult(
@@ -30,13 +49,15 @@ class EchoService:
         )  # fmt: skip
 
     async def dependencies(self, language: Language) -> list[Dependency]:
-        return [Dependency("jinja2", "3.1.2")]
+        return self.deps
 
     async def sync_dependencies(self, language: Language) -> None:
-        return None
+        self.synced.append(language)
+        if self.sync_error is not None:
+            raise self.sync_error
 
     def why_unavailable(self) -> str | None:
-        return None
+        return self.down
 
 
 Serve = Callable[[trio.abc.Stream], Awaitable[None]]

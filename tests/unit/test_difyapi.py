@@ -1,6 +1,7 @@
 """Every row of spec/dify-sandbox-api.md as a request in, response bytes out.
 
-The Service is a fake: the thing under test is the API layer, never the sandbox.
+The Service is the shared fake (frontends.FakeService): the thing under test is the
+API layer, never the sandbox.
 """
 
 from __future__ import annotations
@@ -10,13 +11,14 @@ from typing import Any, get_args
 
 import msgspec
 import pytest
+from frontends import FakeService
 
 from sandboxd import difyapi, jobs
 from sandboxd.config import Config, HttpConfig, NetworkConfig, PythonConfig
 from sandboxd.difyapi import Context, Request, Response
-from sandboxd.jobs import Dependency, Job
+from sandboxd.jobs import Dependency
 from sandboxd.metrics import Metrics
-from sandboxd.protocol import Language, ProtocolError, RequestId, RunResult, Status
+from sandboxd.protocol import ProtocolError, RequestId, RunResult, Status
 from sandboxd.verdict import queued_too_long
 
 KEY = "s3cret"
@@ -46,39 +48,8 @@ def result(
     )
 
 
-class FakeService:
-    """Records what it is asked; answers with a canned result or error."""
-
-    def __init__(
-        self,
-        answer: RunResult | ProtocolError | None = None,
-        deps: list[Dependency] | None = None,
-        sync_error: ProtocolError | None = None,
-    ) -> None:
-        self.answer = answer if answer is not None else result(stdout="hello\n")
-        self.deps = deps if deps is not None else [Dependency("jinja2", "3.1.2")]
-        self.sync_error = sync_error
-        self.jobs: list[tuple[Job, RequestId]] = []
-        self.synced: list[Language] = []
-        # What unavailable() reports (None: the daemon can take a run).
-        self.down: str | None = None
-
-    async def run(self, job: Job, request_id: RequestId) -> RunResult:
-        self.jobs.append((job, request_id))
-        if isinstance(self.answer, ProtocolError):
-            raise self.answer
-        return msgspec.structs.replace(self.answer, id=request_id)
-
-    async def dependencies(self, language: Language) -> list[Dependency]:
-        return self.deps
-
-    async def sync_dependencies(self, language: Language) -> None:
-        self.synced.append(language)
-        if self.sync_error is not None:
-            raise self.sync_error
-
-    def why_unavailable(self) -> str | None:
-        return self.down
+# What the fake answers a run with, unless a test gives another answer.
+HELLO = result(stdout="hello\n")
 
 
 def config(**sections: Any) -> Config:
@@ -98,7 +69,7 @@ async def call(
 ) -> Response:
     raw = json.dumps(body).encode() if isinstance(body, dict) else body
     ctx = Context(
-        service=service or FakeService(), config=cfg or config(), metrics=metrics or Metrics()
+        service=service or FakeService(HELLO), config=cfg or config(), metrics=metrics or Metrics()
     )
     request = Request(method, target, AUTH if headers is None else headers, raw)
     return await difyapi.handle(request, ctx)
@@ -123,7 +94,7 @@ async def test_health_is_the_json_string_ok_without_a_key() -> None:
 
 
 async def test_health_is_503_in_difys_envelope_with_retry_after_when_no_run_can_be_taken() -> None:
-    service = FakeService()
+    service = FakeService(HELLO)
     service.down = "the daemon is stopping"
     response = await call("GET", "/health", headers=[], service=service)
     assert response.status == 503
@@ -155,7 +126,7 @@ PROTECTED = [
 async def test_bad_or_missing_key_is_401_with_an_empty_body(
     method: str, target: str, headers: list[tuple[bytes, bytes]]
 ) -> None:
-    service = FakeService()
+    service = FakeService(HELLO)
     response = await call(method, target, RUN, headers=headers, service=service)
     assert (response.status, response.body) == (401, b"")
     assert service.jobs == [] and service.synced == []
@@ -276,7 +247,7 @@ async def test_unknown_fields_are_ignored() -> None:
 
 
 async def test_null_optional_fields_mean_absent() -> None:
-    service = FakeService()
+    service = FakeService(HELLO)
     body = {**RUN, "preload": None, "enable_network": None}
     assert envelope(await call("POST", "/v1/sandbox/run", body, service=service))["code"] == 0
     assert service.jobs[0][0].preload == "" and not service.jobs[0][0].network
@@ -295,7 +266,7 @@ async def test_null_optional_fields_mean_absent() -> None:
     ],
 )
 async def test_validation_errors_are_400_naming_the_field(body: dict[str, Any], field: str) -> None:
-    service = FakeService()
+    service = FakeService(HELLO)
     response = await call("POST", "/v1/sandbox/run", body, service=service)
     decoded = envelope(response)
     assert (response.status, decoded["code"], decoded["data"]) == (400, -400, None)
@@ -325,7 +296,7 @@ async def test_an_unsupported_language_is_400(language: str) -> None:
 
 
 async def test_nodejs_is_a_language() -> None:
-    service = FakeService()
+    service = FakeService(HELLO)
     await call("POST", "/v1/sandbox/run", {**RUN, "language": "nodejs"}, service=service)
     assert service.jobs[0][0].language == "nodejs"
 
@@ -334,14 +305,14 @@ async def test_nodejs_is_a_language() -> None:
 
 
 async def test_deny_mode_runs_a_network_request_without_network() -> None:
-    service = FakeService()
+    service = FakeService(HELLO)
     response = await call("POST", "/v1/sandbox/run", RUN, service=service)
     assert envelope(response)["code"] == 0
     assert service.jobs[0][0].network is False
 
 
 async def test_reject_mode_answers_like_dify_sandbox() -> None:
-    service = FakeService()
+    service = FakeService(HELLO)
     cfg = config(network=NetworkConfig(mode="reject"))
     response = await call("POST", "/v1/sandbox/run", RUN, service=service, cfg=cfg)
     assert response.status == 200
@@ -354,7 +325,7 @@ async def test_reject_mode_answers_like_dify_sandbox() -> None:
 
 
 async def test_reject_mode_still_runs_requests_without_network() -> None:
-    service = FakeService()
+    service = FakeService(HELLO)
     cfg = config(network=NetworkConfig(mode="reject"))
     body = {**RUN, "enable_network": False}
     assert (
@@ -363,14 +334,14 @@ async def test_reject_mode_still_runs_requests_without_network() -> None:
 
 
 async def test_allow_mode_gives_the_job_network() -> None:
-    service = FakeService()
+    service = FakeService(HELLO)
     cfg = config(network=NetworkConfig(mode="allow"))
     await call("POST", "/v1/sandbox/run", RUN, service=service, cfg=cfg)
     assert service.jobs[0][0].network is True
 
 
 async def test_allow_mode_without_the_request_asking_gives_no_network() -> None:
-    service = FakeService()
+    service = FakeService(HELLO)
     cfg = config(network=NetworkConfig(mode="allow"))
     await call(
         "POST", "/v1/sandbox/run", {**RUN, "enable_network": False}, service=service, cfg=cfg
@@ -379,20 +350,20 @@ async def test_allow_mode_without_the_request_asking_gives_no_network() -> None:
 
 
 async def test_preload_is_ignored_unless_enabled() -> None:
-    service = FakeService()
+    service = FakeService(HELLO)
     await call("POST", "/v1/sandbox/run", {**RUN, "preload": "import os"}, service=service)
     assert service.jobs[0][0].preload == ""
 
 
 async def test_preload_is_passed_to_the_job_when_enabled() -> None:
-    service = FakeService()
+    service = FakeService(HELLO)
     cfg = config(python3=PythonConfig(enable_preload=True))
     await call("POST", "/v1/sandbox/run", {**RUN, "preload": "import os"}, service=service, cfg=cfg)
     assert service.jobs[0][0].preload == "import os"
 
 
 async def test_the_job_takes_the_configured_limits() -> None:
-    service = FakeService()
+    service = FakeService(HELLO)
     cfg = config()
     await call("POST", "/v1/sandbox/run", RUN, service=service, cfg=cfg)
     job = service.jobs[0][0]
@@ -427,7 +398,9 @@ async def test_a_language_the_service_refuses_is_400_unsupported_language() -> N
 
 
 async def test_dependencies_lists_what_the_service_reports() -> None:
-    service = FakeService(deps=[Dependency("jinja2", "3.1.2"), Dependency("httpx", "0.27.0")])
+    service = FakeService(
+        HELLO, deps=[Dependency("jinja2", "3.1.2"), Dependency("httpx", "0.27.0")]
+    )
     response = await call("GET", "/v1/sandbox/dependencies?language=python3", service=service)
     assert response.status == 200
     assert envelope(response) == {
@@ -454,7 +427,7 @@ async def test_dependencies_of_an_unknown_language_is_400() -> None:
 
 
 async def test_dependencies_update_resyncs_and_answers_empty_data() -> None:
-    service = FakeService()
+    service = FakeService(HELLO)
     response = await call(
         "POST", "/v1/sandbox/dependencies/update", {"language": "python3"}, service=service
     )
@@ -472,7 +445,7 @@ async def test_dependencies_update_with_a_bad_body_is_400() -> None:
 
 
 async def test_dependencies_refresh_resyncs_then_lists() -> None:
-    service = FakeService(deps=[Dependency("requests", "2.31.0")])
+    service = FakeService(HELLO, deps=[Dependency("requests", "2.31.0")])
     response = await call(
         "GET", "/v1/sandbox/dependencies/refresh?language=python3", service=service
     )
@@ -483,7 +456,7 @@ async def test_dependencies_refresh_resyncs_then_lists() -> None:
 
 
 async def test_a_failed_refresh_when_offline_is_minus_500_not_a_crash() -> None:
-    service = FakeService(sync_error=ProtocolError("internal", "pip: no network"))
+    service = FakeService(HELLO, sync_error=ProtocolError("internal", "pip: no network"))
     response = await call(
         "GET", "/v1/sandbox/dependencies/refresh?language=python3", service=service
     )
@@ -538,7 +511,7 @@ async def test_native_run_service_errors_keep_their_code(error: Any, status: int
 
 
 async def test_native_run_with_network_in_reject_mode_is_400_in_the_native_envelope() -> None:
-    service = FakeService()
+    service = FakeService(HELLO)
     cfg = config(network=NetworkConfig(mode="reject"))
     body = {"id": 3, "language": "python3", "code": "1", "enable_network": True}
     response = await call("POST", "/v1/run", body, service=service, cfg=cfg)
@@ -557,7 +530,7 @@ async def test_dify_overloaded_is_503_with_retry_after() -> None:
 
 
 async def test_native_run_network_is_off_unless_allowed() -> None:
-    service = FakeService()
+    service = FakeService(HELLO)
     body = {"language": "python3", "code": "1", "enable_network": True}
     await call("POST", "/v1/run", body, service=service)
     assert service.jobs[0][0].network is False

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
-from frontends import EchoService, exchange, http_responses
+from frontends import FakeService, exchange, http_responses
 
 from sandboxd.budget import ByteBudget
 from sandboxd.config import ClientsConfig, Config, HttpConfig
@@ -31,7 +31,7 @@ def config(**clients: int | float) -> Config:
     return Config(http=HttpConfig(api_key=KEY), clients=ClientsConfig(**clients))  # type: ignore[arg-type]
 
 
-def http(service: EchoService, cfg: Config, budget: ByteBudget | None = None) -> partial[object]:
+def http(service: FakeService, cfg: Config, budget: ByteBudget | None = None) -> partial[object]:
     return partial(serve_http, service=service, config=cfg, metrics=Metrics(), budget=budget)
 
 
@@ -42,7 +42,7 @@ def head(key: str, length: int, target: str = "/v1/sandbox/run") -> bytes:
 
 
 def test_wrong_key_is_401_before_any_body_byte_is_read() -> None:
-    service = EchoService()
+    service = FakeService()
     budget = ByteBudget(10**9)
     # A 16 MiB body is announced and none of it is sent: the answer comes all the same.
     out = exchange(http(service, config(), budget), [head("wrong", 16 * 2**20)], half_close=False)
@@ -53,7 +53,7 @@ def test_wrong_key_is_401_before_any_body_byte_is_read() -> None:
 
 
 def test_wrong_key_on_native_run_is_401_in_the_native_envelope_before_the_body() -> None:
-    out = exchange(http(EchoService(), config()), [head("", 10**6, "/v1/run")], half_close=False)
+    out = exchange(http(FakeService(), config()), [head("", 10**6, "/v1/run")], half_close=False)
     [(response, body)] = http_responses(out)
     assert response.status_code == 401
     assert json.loads(body)["error"]["code"] == "unauthorized"
@@ -62,7 +62,7 @@ def test_wrong_key_on_native_run_is_401_in_the_native_envelope_before_the_body()
 def test_body_past_the_byte_budget_is_503_with_retry_after() -> None:
     budget = ByteBudget(1000)
     body = json.dumps({"language": "python3", "code": "x" * 1500}).encode()
-    out = exchange(http(EchoService(), config(), budget), [head(KEY, len(body)) + body])
+    out = exchange(http(FakeService(), config(), budget), [head(KEY, len(body)) + body])
     [(response, _)] = http_responses(out)
     assert response.status_code == 503
     assert dict(response.headers)[b"retry-after"] == b"1"
@@ -73,12 +73,12 @@ def test_budget_is_given_back_after_each_request() -> None:
     budget = ByteBudget(2000)  # one body at a time, with its copies
     body = json.dumps({"language": "python3", "code": "x" * 500}).encode()
     request = head(KEY, len(body)) + body
-    out = exchange(http(EchoService(), config(), budget), [request, request, request])
+    out = exchange(http(FakeService(), config(), budget), [request, request, request])
     assert [r.status_code for r, _ in http_responses(out)] == [200, 200, 200]
     assert budget.used == 0
 
 
-def ndjson(service: EchoService, cfg: Config, budget: ByteBudget) -> partial[object]:
+def ndjson(service: FakeService, cfg: Config, budget: ByteBudget) -> partial[object]:
     return partial(serve_ndjson, service=service, config=cfg, budget=budget)
 
 
@@ -101,14 +101,14 @@ def never_read(serve: partial[object], data: bytes) -> None:
 
 def test_ndjson_client_that_never_reads_is_closed_after_the_send_timeout() -> None:
     budget = ByteBudget(10**6)
-    never_read(ndjson(EchoService(), config(send_timeout=5.0), budget), line("print(1)"))
+    never_read(ndjson(FakeService(), config(send_timeout=5.0), budget), line("print(1)"))
     assert budget.used == 0
 
 
 def test_ndjson_answers_past_the_unsent_cap_close_the_connection() -> None:
     budget = ByteBudget(10**6)
     cfg = config(send_timeout=10**6, max_unsent_bytes=2000)
-    never_read(ndjson(EchoService(), cfg, budget), b"".join(line("y" * 300, n) for n in range(20)))
+    never_read(ndjson(FakeService(), cfg, budget), b"".join(line("y" * 300, n) for n in range(20)))
     assert budget.used == 0
 
 
@@ -116,7 +116,7 @@ def test_ndjson_request_past_the_byte_budget_is_overloaded_and_the_next_is_serve
     budget = ByteBudget(2300)
     # One chunk with three lines: the first two (3 copies each) do not fit together.
     data = line("z" * 550, 1) + line("z" * 550, 2) + line("print(3)", 3)
-    out = exchange(ndjson(EchoService(), config(), budget), [data])
+    out = exchange(ndjson(FakeService(), config(), budget), [data])
     answers = {a["id"]: a for a in map(json.loads, out.splitlines())}
     assert answers[1]["status"] == "ok"
     assert answers[2]["error"]["code"] == "overloaded"
@@ -127,13 +127,13 @@ def test_ndjson_request_past_the_byte_budget_is_overloaded_and_the_next_is_serve
 
 def test_ndjson_unfinished_line_past_the_budget_is_overloaded_then_closed() -> None:
     budget = ByteBudget(1000)
-    out = exchange(ndjson(EchoService(), config(), budget), [b'{"code": "' + b"a" * 5000])
+    out = exchange(ndjson(FakeService(), config(), budget), [b'{"code": "' + b"a" * 5000])
     [answer] = map(json.loads, out.splitlines())
     assert answer["error"]["code"] == "overloaded"
     assert budget.used == 0
 
 
-class BuggyService(EchoService):
+class BuggyService(FakeService):
     async def run(self, job: Job, request_id: RequestId) -> RunResult:
         if job.code == "bug":
             raise RuntimeError("a bug in the daemon, not the client's doing")

@@ -12,7 +12,7 @@ from functools import partial
 from typing import Any
 
 import msgspec
-from frontends import EchoService, exchange, http_responses
+from frontends import FakeService, exchange, http_responses
 from fuzzing import fuzz, no_errors_logged, request_objects
 from hypothesis import event, given
 from hypothesis import strategies as st
@@ -58,7 +58,7 @@ def test_ndjson_connection_answers_every_line_with_a_typed_line(
     stream = b"".join(line + b"\n" for line in lines)
     with no_errors_logged():
         out = exchange(
-            partial(serve_ndjson, service=EchoService(), config=CONFIG), chunked(stream, cuts)
+            partial(serve_ndjson, service=FakeService(), config=CONFIG), chunked(stream, cuts)
         )
     answers = [json.loads(line) for line in out.splitlines()]
     for answer in answers:
@@ -147,7 +147,7 @@ def test_http_connection_gives_typed_answers_then_closes(
     requests: list[bytes], cuts: list[int], junk: bytes, half_close: bool
 ) -> None:
     stream = b"".join(requests) + junk
-    service = EchoService()
+    service = FakeService()
     serve = partial(serve_http, service=service, config=CONFIG, metrics=Metrics())
     with no_errors_logged():
         out = exchange(serve, chunked(stream, cuts), half_close=half_close)

@@ -1,8 +1,8 @@
 """The HTTP/1.1 layer over a real loopback TCP socket, driven by raw bytes and by httpx.
 
-The Service is a fake that echoes the code as stdout, so an answer shows which
-request it belongs to; the sandbox is not under test here. ``fail_after`` only
-guards against a hang: no assertion depends on timing.
+The Service is the shared fake (frontends.FakeService), which echoes the code as
+stdout, so an answer shows which request it belongs to; the sandbox is not under
+test here. ``fail_after`` only guards against a hang: no assertion depends on timing.
 """
 
 from __future__ import annotations
@@ -17,37 +17,19 @@ import h11
 import httpx
 import pytest
 import trio
+from frontends import FakeService
 
 from sandboxd.config import Config, HttpConfig
 from sandboxd.http import ExposureError, check_http_exposure, serve_http
-from sandboxd.jobs import Dependency, Job
+from sandboxd.jobs import Job
 from sandboxd.metrics import Metrics
-from sandboxd.protocol import Language, RequestId, RunResult
+from sandboxd.protocol import RequestId, RunResult
 
 KEY = "test-key"
 HANG_GUARD = 10.0
 
 
-class EchoService:
-    """Answers every run with its code as stdout."""
-
-    async def run(self, job: Job, request_id: RequestId) -> RunResult:
-        return RunResult(
-            id=request_id, status="ok", exit_code=0, signal=None, stdout=job.code, stderr="",
-            truncated=False, wall_ms=1.0, cpu_ms=1.0, peak_memory_bytes=None,
-        )  # fmt: skip
-
-    async def dependencies(self, language: Language) -> list[Dependency]:
-        return []
-
-    async def sync_dependencies(self, language: Language) -> None:
-        return None
-
-    def why_unavailable(self) -> str | None:
-        return None
-
-
-class BrokenService(EchoService):
+class BrokenService(FakeService):
     async def run(self, job: Job, request_id: RequestId) -> RunResult:
         raise RuntimeError("a bug, not a ProtocolError")
 
@@ -66,10 +48,10 @@ class Server:
 
 @asynccontextmanager
 async def server(
-    config: Config | None = None, service: EchoService | None = None
+    config: Config | None = None, service: FakeService | None = None
 ) -> AsyncIterator[Server]:
     handler = partial(
-        serve_http, service=service or EchoService(), config=config or http_config(),
+        serve_http, service=service or FakeService(), config=config or http_config(),
         metrics=Metrics(),
     )  # fmt: skip
 
@@ -396,7 +378,7 @@ class ExplodingStream(trio.abc.Stream):
 
 async def test_an_unexpected_failure_costs_one_connection_not_the_listener() -> None:
     stream = ExplodingStream()
-    await serve_http(stream, EchoService(), http_config(), Metrics())  # does not raise
+    await serve_http(stream, FakeService(), http_config(), Metrics())  # does not raise
     assert stream.closed
 
 
