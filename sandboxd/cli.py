@@ -15,6 +15,7 @@ import msgspec
 
 from sandboxd import __version__, deps_cli, runfiles
 from sandboxd.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
+from sandboxd.protocol import LANGUAGES
 
 EXIT_TIMEOUT = 124
 EXIT_SANDBOX_ERROR = 125
@@ -83,7 +84,7 @@ def parser() -> argparse.ArgumentParser:
         "or protocol error; 128+N if the code was killed by signal N.",
     )
     _daemon_socket_option(run)
-    run.add_argument("--language", choices=("python3", "nodejs"), default="python3")
+    run.add_argument("--language", choices=LANGUAGES, default="python3")
     run.add_argument("--timeout", type=float, metavar="S", help="seconds (capped by the daemon)")
     run.add_argument("--memory", type=int, metavar="MIB", help="memory limit in MiB (capped)")
     run.add_argument("--stdin", metavar="TEXT", help="text the code reads on its stdin")
@@ -284,11 +285,11 @@ def _check(args: argparse.Namespace) -> int:
 def _print_seccomp(config: Config) -> None:
     """The effective seccomp allow-list of each language, extra_syscalls included."""
     from sandboxd.jail import seccomp
+    from sandboxd.runtimes import registry
 
-    for language, extra in (
-        ("python3", config.python3.extra_syscalls),
-        ("nodejs", config.nodejs.extra_syscalls),
-    ):
+    sections = {runtime.seccomp_policy: runtime.section for runtime in registry.RUNTIMES}
+    for language, section in sections.items():
+        extra = getattr(config, section).extra_syscalls
         allowed = sorted(seccomp.policy_for(language, extra).allowed_names())
         print(f"seccomp {language}: {len(allowed)} calls allowed, extra: {', '.join(extra) or '-'}")
         print(

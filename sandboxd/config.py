@@ -14,14 +14,12 @@ import os
 import re
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
-from typing import Annotated, Any, Literal, NamedTuple, get_args, get_origin
+from typing import Annotated, Any, Literal, NamedTuple, Protocol, get_args, get_origin
 
 import msgspec
 
-from sandboxd import profiles
 from sandboxd.budget import REQUEST_COPIES, request_cost
 from sandboxd.jail import network, seccomp
-from sandboxd.protocol import Language
 
 NetworkMode = Literal["deny", "reject", "allow"]
 CgroupMode = Literal["systemd", "auto", "off"]
@@ -190,34 +188,38 @@ def effective_pool_size(size: int) -> int:
     return size or default_pool_size()
 
 
-# (language, with network, profile): one pool of ready workers.
-PoolPlan = dict[tuple[Language, bool, str], int]
+class RuntimeSection(Protocol):
+    """What every runtime's config section ([python3], [nodejs]) has."""
+
+    @property
+    def pool_size(self) -> int: ...
+
+    @property
+    def extra_syscalls(self) -> list[str]: ...
 
 
-def pool_sizes(config: Config, languages: Iterable[str], network: bool, science: bool) -> PoolPlan:
-    """The pools a generation keeps, in warm-up order, with their sizes: the plain pool
-    of each language; with network (an egress namespace), a pool half as big for runs
-    that asked for it; with science (warm modules and an environment holding them), a
-    data-science pool of python3 half as big as each plain python3 pool."""
-    sizes: dict[Language, int] = {
-        "python3": config.python3.pool_size,
-        "nodejs": config.nodejs.pool_size,
-    }
-    served = [language for language in sizes if language in set(languages)]
-    plan: PoolPlan = {
-        (language, False, profiles.PLAIN): effective_pool_size(sizes[language])
-        for language in served
-    }
-    if network:
-        for language in served:
-            plan[(language, True, profiles.PLAIN)] = max(
-                1, plan[(language, False, profiles.PLAIN)] // 2
+# (runtime name, with network): one pool of ready workers.
+PoolPlan = dict[tuple[str, bool], int]
+
+
+def pool_sizes(config: Config, runtimes: Iterable[str], network: bool) -> PoolPlan:
+    """The pools a generation keeps for the named runtimes, in warm-up order, with their
+    sizes: each runtime's pool (its section's pool_size over its pool_divisor); with
+    network (an egress namespace), a pool half as big for runs that asked for it."""
+    from sandboxd.runtimes import registry
+
+    served = set(runtimes)
+    plan: PoolPlan = {}
+    for runtime in registry.RUNTIMES:
+        if runtime.name in served:
+            section: RuntimeSection = getattr(config, runtime.section)
+            size = effective_pool_size(section.pool_size)
+            plan[(runtime.name, False)] = (
+                size if runtime.pool_divisor == 1 else max(1, size // runtime.pool_divisor)
             )
-    if science:
-        for language, with_network, _ in list(plan):
-            if language == "python3":
-                half = max(1, plan[(language, with_network, profiles.PLAIN)] // 2)
-                plan[(language, with_network, profiles.SCIENCE)] = half
+    if network:
+        for name, _ in list(plan):
+            plan[(name, True)] = max(1, plan[(name, False)] // 2)
     return plan
 
 
@@ -470,9 +472,6 @@ _AT_LEAST = (
 )
 
 
-_EXTRA_SYSCALL_KEYS = ("python3.extra_syscalls", "nodejs.extra_syscalls")
-
-
 def _check(config: Config, sources: _Sources) -> None:
     """Rules between keys (msgspec has checked each key's own range)."""
 
@@ -491,11 +490,12 @@ def _check(config: Config, sources: _Sources) -> None:
             raise fail("clients.max_buffered_bytes", f">= {REQUEST_COPIES} x {other}", other)
     # Every worker that can be alive at once runs as its own uid: during a reload the
     # old generation's pools stay full until the new one's are warm, and max_workers run.
+    from sandboxd.runtimes import registry
+
     plan = pool_sizes(
         config,
-        ("python3", "nodejs"),
+        (runtime.name for runtime in registry.RUNTIMES if runtime.enabled(config)),
         network=config.network.mode == "allow",
-        science=bool(config.python3.warm_modules.strip(" ,")),
     )
     alive = 2 * sum(plan.values()) + config.limits.max_workers
     if config.jail.uid_max - config.jail.uid_min + 1 < alive:
@@ -506,7 +506,8 @@ def _check(config: Config, sources: _Sources) -> None:
             f" limits.max_workers make {alive} workers, each needing its own uid",
             "jail.uid_min",
         )
-    for key in _EXTRA_SYSCALL_KEYS:
+    sections = dict.fromkeys(runtime.section for runtime in registry.RUNTIMES)
+    for key in (f"{section}.extra_syscalls" for section in sections):
         for name in _value(config, key):
             if problem := seccomp.extra_syscall_problem(name):
                 raise ConfigError(f"{key} ({sources.where(key)}): {problem}")

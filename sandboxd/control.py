@@ -18,14 +18,13 @@ from sandboxd.jail import JailSpec
 
 class SpawnOrder(msgspec.Struct, frozen=True, tag=True):
     worker_id: int
-    language: str
+    # The runtime (a JailSpec.runtimes key) of the worker; its template forks it if it has one.
+    runtime: str
     uid: int
     # cgroup.procs files the worker is written into before it prepares its jail.
     cgroup_procs: list[str] = []
     # Join the egress network namespace instead of a network namespace of its own.
     network: bool = False
-    # Fork it from the data-science template (profiles.SCIENCE) instead of the zygote.
-    profile: str = ""
 
 
 class Spawned(msgspec.Struct, frozen=True, tag=True):

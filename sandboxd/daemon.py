@@ -13,7 +13,6 @@ import os
 import shutil
 import signal
 import socket
-import sysconfig
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -21,22 +20,19 @@ from functools import partial
 import msgspec
 import trio
 
-from sandboxd import debianpy, deps, http, server, systemd
+from sandboxd import deps, http, server, systemd
 from sandboxd.budget import ByteBudget
-from sandboxd.config import Config, ConfigError, parse_listen
+from sandboxd.config import Config, ConfigError, RuntimeSection, parse_listen
 from sandboxd.dispatcher import Dispatcher
 from sandboxd.generation import GenerationFailed
-from sandboxd.jail import JailSpec, cgroup, identity, network, rlimits, rootfs, scope
+from sandboxd.jail import JailSpec, RuntimeJail, cgroup, identity, network, rlimits, scope
 from sandboxd.jail.scope import Placement
 from sandboxd.metrics import Metrics
 from sandboxd.pool import Pool
-from sandboxd.runtimes.nodejs import NODE_MODULES
+from sandboxd.runtimes import registry
 
 log = logging.getLogger("sandboxd")
 
-NODE_BOOTSTRAP = "/opt/sandboxd/bootstrap.js"
-# Where the dependency environment's packages appear inside the python jail.
-JAIL_SITE_PACKAGES = "/opt/sandboxd/python"
 STATUS_INTERVAL = 5.0
 
 
@@ -45,28 +41,30 @@ class StartupError(Exception):
 
 
 def build_spec(config: Config, cgroups_in_force: bool) -> tuple[JailSpec, dict[str, str]]:
-    """The jail spec, and the languages that cannot be served with the reason why."""
-    stdlib = sysconfig.get_paths()["stdlib"]
-    python_path = [stdlib, os.path.join(stdlib, "lib-dynload")]
-    python_extra: dict[str, str] = {}
-    site = deps.live_python_site_packages(config.server.state_dir)
-    if site is not None:
-        python_extra[site] = JAIL_SITE_PACKAGES
-        python_path.append(JAIL_SITE_PACKAGES)
-    roots = {"python3": rootfs.python_entries(python_extra)}
-    # Debian's jinja2, requests, httpx: importable offline, behind the synced environment.
-    packaged = [e for e in debianpy.root_entries("python3") if e not in roots["python3"]]
-    if packaged:
-        roots["python3"] += packaged
-        python_path.append(debianpy.DIST_PACKAGES)
-    python_packaged = [e.path for e in packaged if e.path.startswith(debianpy.DIST_PACKAGES + "/")]
+    """The jail spec, and the runtimes that cannot be served with the reason why."""
+    built: dict[str, RuntimeJail] = {}
     unavailable: dict[str, str] = {}
-    node = config.nodejs.path
-    if not (os.path.isfile(node) and os.access(node, os.X_OK)):
-        unavailable["nodejs"] = f"nodejs is not installed on this host ({node} not found)"
-    else:
-        modules = deps.live_node_modules(config.server.state_dir)
-        roots["nodejs"] = rootfs.node_entries(node, {modules: NODE_MODULES} if modules else {})
+    for runtime in registry.RUNTIMES:
+        jail = runtime.jail(config, built)
+        if isinstance(jail, str):
+            unavailable[runtime.name] = jail
+            continue
+        if jail is None:
+            continue
+        section: RuntimeSection = getattr(config, runtime.section)
+        jail = msgspec.structs.replace(
+            jail,
+            runner=runtime.runner,
+            seccomp_policy=runtime.seccomp_policy,
+            extra_syscalls=list(section.extra_syscalls),
+        )
+        # Workers whose roots would hold the same share one root template.
+        same = (
+            n
+            for n, o in built.items()
+            if (o.runner, o.entries, o.bootstrap) == (jail.runner, jail.entries, jail.bootstrap)
+        )
+        built[runtime.name] = msgspec.structs.replace(jail, root=next(same, ""))
     limits = config.limits
     # With cgroups the memory and tasks verdicts come from the kernel's cgroup counters,
     # so the rlimits on data and processes are only backstops above the cgroup limits.
@@ -89,21 +87,9 @@ def build_spec(config: Config, cgroups_in_force: bool) -> tuple[JailSpec, dict[s
         tasks=limits.tasks * backstop,
         file_size_mb=limits.file_size_mb,
         open_files=limits.open_files,
-        roots=roots,
-        python_path=python_path,
-        python_site_packages=site,
-        node_path=os.path.realpath(node),
-        node_bootstrap=NODE_BOOTSTRAP,
+        runtimes=built,
         egress_netns=egress,
         proxy_env=proxy_env,
-        python_packaged=python_packaged,
-        extra_syscalls={
-            "python3": list(config.python3.extra_syscalls),
-            "nodejs": list(config.nodejs.extra_syscalls),
-        },
-        python_warm_modules=[
-            m.strip() for m in config.python3.warm_modules.split(",") if m.strip()
-        ],
     )
     return spec, unavailable
 
@@ -309,19 +295,18 @@ async def reload(
     fresh = msgspec.structs.replace(
         fresh, server=msgspec.structs.replace(fresh.server, runtime_dir=config.server.runtime_dir)
     )
-    for language in ("python3", "nodejs"):
-        source = (
-            fresh.deps.python_requirements if language == "python3" else fresh.deps.node_packages
-        )
-        if not os.path.exists(source):
-            continue  # no requirements file: that language has no dependencies to sync
+    for runtime in registry.with_deps():
+        assert runtime.deps is not None
+        layout = runtime.deps()
+        if not os.path.exists(layout.source(fresh.deps)):
+            continue  # no requirements file: that runtime has no dependencies to sync
         try:
             # A no-op in milliseconds when the requirements file is unchanged.
             await trio.to_thread.run_sync(
-                deps.sync_configured, fresh.deps, fresh.server.state_dir, language
+                layout.sync, fresh.deps, fresh.server.state_dir, False, None, False
             )
         except deps.SyncError as error:
-            log.error("reload: %s dependencies unchanged: %s", language, error)
+            log.error("reload: %s dependencies unchanged: %s", runtime.name, error)
     try:
         spec, unavailable = await trio.to_thread.run_sync(
             build_spec, fresh, dispatcher.placement is not None
@@ -340,7 +325,12 @@ async def reload(
 
 def _named_pools(dispatcher: Dispatcher) -> list[tuple[str, Pool]]:
     return [
-        (p.language + (f"+{p.profile}" if p.profile else "") + ("+net" if p.network else ""), p)
+        (
+            p.language
+            + (f"+{p.runtime}" if p.runtime != p.language else "")
+            + ("+net" if p.network else ""),
+            p,
+        )
         for p in dispatcher.pools.values()
     ]
 

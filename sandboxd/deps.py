@@ -2,7 +2,8 @@
 
 Theory of operation
 -------------------
-Each language keeps its environments under the state directory:
+Each runtime with an environment of its own (its record's DepsLayout, runtimes/) keeps
+them under the state directory:
 
     <state>/python/envs/<id>/venv/                a venv of the host's python3, no pip inside
     <state>/python/envs/<id>/site-packages        -> venv/lib/python3.X/site-packages
@@ -18,7 +19,7 @@ root, then switches `current` atomically (a new symlink renamed over the old one
 A failed build is removed and leaves `current` untouched. Old environments are
 removed except the live one, the previous one, and any still bind-mounted into a
 jail (a daemon that has not reloaded yet keeps serving from it). One lock file
-per language serialises syncs, whether from the CLI or the daemon's threads.
+per environment serialises syncs, whether from the CLI or the daemon's threads.
 
 The daemon binds the live directory read-only into the jail (at a path of the
 jail's own, put on sys.path or NODE_PATH) when it builds a generation of pools.
@@ -45,7 +46,6 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from sandboxd.config import DepsConfig
 from sandboxd.jobs import Dependency
 
 # The interpreter the python jail runs (rootfs.python_entries binds the same one):
@@ -292,35 +292,6 @@ def _read_source(path: str, what: str) -> bytes:
         raise NoSourceFile(f"cannot read the {what} {path}: it does not exist") from None
     except OSError as error:
         raise SyncError(f"cannot read the {what} {path}: {error.strerror}") from None
-
-
-# --- Per language, as configured ------------------------------------------------------------
-
-# Protocol language -> directory under the state dir.
-LAYOUT = {"python3": "python", "nodejs": "node"}
-
-
-def sync_configured(
-    config: DepsConfig,
-    state_dir: str,
-    language: str,
-    offline: bool = False,
-    wheelhouse: str | None = None,
-    force: bool = False,
-) -> str:
-    """Sync `language` ("python3" or "nodejs") from its configured file; the live dir."""
-    if language == "python3":
-        return sync_python(
-            state_dir, config.python_requirements, config.index_url, offline, wheelhouse, force
-        )
-    return sync_node(state_dir, config.node_packages, offline, force)
-
-
-def installed(state_dir: str, language: str) -> list[Dependency]:
-    """What the live environment of `language` ("python3" or "nodejs") holds."""
-    if language == "python3":
-        return installed_python(live_python_site_packages(state_dir))
-    return installed_node(live_node_modules(state_dir))
 
 
 # --- Python ----------------------------------------------------------------------------------

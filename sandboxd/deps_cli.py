@@ -14,8 +14,8 @@ import msgspec
 from sandboxd import deps
 from sandboxd.config import Config
 from sandboxd.jobs import Dependency
+from sandboxd.runtimes import DepsLayout, registry
 
-LANGUAGES = ("python3", "nodejs")
 RELOAD_HINT = (
     "The running daemon switches to a new environment on `systemctl reload sandboxd` (SIGHUP)."
 )
@@ -71,7 +71,7 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--language", choices=(*LANGUAGES, "all"), default="all", help="default: all"
+        "--language", choices=(*_names(), "all"), default="all", help="default: all"
     )
     parser.add_argument("--config", metavar="FILE", help="configuration file")
     parser.add_argument(
@@ -79,47 +79,51 @@ def _common(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _languages(args: argparse.Namespace) -> tuple[str, ...]:
-    return LANGUAGES if args.language == "all" else (args.language,)
+def _names() -> list[str]:
+    """The runtimes with a dependency environment of their own (registry order)."""
+    return [runtime.name for runtime in registry.with_deps()]
+
+
+def _layouts(args: argparse.Namespace) -> list[tuple[str, DepsLayout]]:
+    chosen = _names() if args.language == "all" else [args.language]
+    found = []
+    for name in chosen:
+        environment = registry.named(name).deps
+        assert environment is not None
+        found.append((name, environment()))
+    return found
 
 
 def _state_dir(args: argparse.Namespace, config: Config) -> str:
     return os.path.abspath(args.state_dir) if args.state_dir else config.server.state_dir
 
 
-def _source(config: Config, language: str) -> str:
-    return config.deps.python_requirements if language == "python3" else config.deps.node_packages
-
-
 def _sync(args: argparse.Namespace, config: Config) -> int:
     state_dir = _state_dir(args, config)
     status = 0
     changed = False
-    for language in _languages(args):
-        source = _source(config, language)
-        if language == "nodejs" and args.language == "all" and shutil.which(deps.NPM) is None:
-            print("nodejs: skipped (npm is not installed)")
+    for language, layout in _layouts(args):
+        source = layout.source(config.deps)
+        if layout.tool and args.language == "all" and shutil.which(layout.tool) is None:
+            print(f"{language}: skipped ({layout.tool} is not installed)")
             continue
-        layout = deps.LAYOUT[language]
-        before = deps.live_env(state_dir, layout)
+        before = deps.live_env(state_dir, layout.directory)
         started = time.monotonic()
         try:
-            live = deps.sync_configured(
-                config.deps, state_dir, language, args.offline, args.wheelhouse, args.force
-            )
+            live = layout.sync(config.deps, state_dir, args.offline, args.wheelhouse, args.force)
         except deps.SyncError as error:
             print(f"sandboxd deps sync: {language}: {error}", file=sys.stderr)
             print(f"{language}: the live environment is unchanged", file=sys.stderr)
             status = 1
             continue
-        if deps.live_env(state_dir, layout) == before:
+        if deps.live_env(state_dir, layout.directory) == before:
             print(f"{language}: {source} unchanged since the live environment was built")
             print("  (--force rebuilds it)")
         else:
             changed = True
             print(f"{language}: installed {source} in {time.monotonic() - started:.1f} s")
         print(f"  {live}")
-        _print_items(deps.installed(state_dir, language))
+        _print_items(layout.installed(layout.live(state_dir)))
     if changed:
         print(RELOAD_HINT)
     return status
@@ -127,7 +131,7 @@ def _sync(args: argparse.Namespace, config: Config) -> int:
 
 def _list(args: argparse.Namespace, config: Config) -> int:
     state_dir = _state_dir(args, config)
-    found = {language: deps.installed(state_dir, language) for language in _languages(args)}
+    found = {name: layout.installed(layout.live(state_dir)) for name, layout in _layouts(args)}
     if args.json:
         print(json.dumps(msgspec.to_builtins(found), indent=2))
         return 0

@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from sandboxd import deps, profiles, verdict
+from sandboxd import deps, verdict
 from sandboxd.admission import Admission
 from sandboxd.config import Config
 from sandboxd.generation import Generation, GenerationFailed
@@ -32,6 +32,7 @@ from sandboxd.jobs import Dependency, Job
 from sandboxd.metrics import Metrics
 from sandboxd.pool import Pool, PoolKey, PoolRetired
 from sandboxd.protocol import Language, ProtocolError, RequestId, RunResult
+from sandboxd.runtimes import registry
 from sandboxd.seccomplog import SeccompLog
 from sandboxd.succession import Succession
 from sandboxd.worker import WorkerHandle
@@ -39,6 +40,7 @@ from sandboxd.worker import WorkerHandle
 log = logging.getLogger("sandboxd.dispatcher")
 
 SpecBuilder = Callable[[Config, bool], tuple[JailSpec, dict[str, str]]]
+
 
 class Dispatcher:
     """The daemon's core service (jobs.Service): admission, runs, dependency syncs."""
@@ -146,16 +148,18 @@ class Dispatcher:
         self.metrics.set_slots(int(self.slots.borrowed_tokens), int(self.slots.total_tokens))
 
     def report_ready(self, language: Language) -> None:
-        """The ready-workers gauge of a language: its pools with and without network."""
+        """The ready-workers gauge of a language: its runtimes' pools, with and without network."""
         ready = sum(p.ready for p in self.pools.values() if p.language == language)
         self.metrics.set_ready_workers(language, ready)
 
     async def dependencies(self, language: Language) -> list[Dependency]:
         """What the serving jail holds (after a CLI sync, the new env serves only on reload)."""
-        bound = [e.path for e in self.spec.roots.get(language, []) if e.target]
-        if language == "python3":
-            return await trio.to_thread.run_sync(deps.installed_python, bound[0] if bound else None)
-        return await trio.to_thread.run_sync(deps.installed_node, bound[0] if bound else None)
+        runtime = registry.deps_of(language)
+        if runtime is None or runtime.deps is None:
+            return []
+        jail = self.spec.runtimes.get(runtime.name)
+        bound = jail.environment if jail is not None else None
+        return await trio.to_thread.run_sync(runtime.deps().installed, bound)
 
     async def sync_dependencies(self, language: Language) -> None:
         """Rebuild the environment from its requirements, then switch pools onto it.
@@ -163,9 +167,12 @@ class Dispatcher:
         A failed sync leaves the live environment (and every pool) as it was.
         """
         config = self.config
+        runtime = registry.deps_of(language)
+        if runtime is None or runtime.deps is None:
+            return  # no environment of its own: nothing to sync
         try:
             await trio.to_thread.run_sync(
-                deps.sync_configured, config.deps, config.server.state_dir, language
+                runtime.deps().sync, config.deps, config.server.state_dir, False, None, False
             )
         except deps.NoSourceFile:
             return  # nothing to sync: the live environment stays, as in dify-sandbox
@@ -190,16 +197,18 @@ class Dispatcher:
         """Until no request is admitted."""
         await self.admission.wait_idle()
 
-    def _pool_key(self, job: Job) -> PoolKey:
-        warm = self.generation.spec.python_warm_modules if job.language == "python3" else []
-        return (job.language, job.network, profiles.choose((job.preload, job.code), warm))
+    def _pool_key(self, job: Job) -> PoolKey | None:
+        """The pool of the runtime that serves the job (registry.choose), or None."""
+        sources = (job.preload, job.code)
+        name = registry.choose(job.language, sources, self.generation.spec)
+        return (name, job.network) if name is not None else None
 
     async def run(self, job: Job, request_id: RequestId) -> RunResult:
-        if job.language in self.unavailable:
-            raise ProtocolError("unsupported_language", self.unavailable[job.language])
-        pool = self.pools.get(self._pool_key(job)) or self.pools.get(
-            (job.language, job.network, profiles.PLAIN)
-        )
+        plain = registry.plain(job.language)
+        if plain is not None and plain.name in self.unavailable:
+            raise ProtocolError("unsupported_language", self.unavailable[plain.name])
+        key = self._pool_key(job)
+        pool = self.generation.pool_for(key) if key is not None else None
         if pool is None:
             raise ProtocolError("unsupported_language", f"{job.language} is not served here")
         self.admission.admit()
@@ -236,7 +245,8 @@ class Dispatcher:
                         worker = await pool.take()
                     except PoolRetired:
                         healing = self.generation.dead
-                        pool = await self.succession.serving_pool(self._pool_key(job))
+                        key = self._pool_key(job) or (pool.runtime, pool.network)
+                        pool = await self.succession.serving_pool(key)
                         healing = False
             self.metrics.observe_queue_wait(job.language, trio.current_time() - started)
             if worker is None and healing:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import trio
 
-from sandboxd import control, profiles, verdict, zygote
+from sandboxd import control, verdict, zygote
 from sandboxd.config import Config, pool_sizes
 from sandboxd.control import SpawnFailed, SpawnOrder, ZygoteStart
 from sandboxd.jail import JailSpec
@@ -33,6 +33,7 @@ from sandboxd.jail.scope import Placement
 from sandboxd.metrics import Metrics
 from sandboxd.pool import Pool, PoolKey
 from sandboxd.protocol import Language, ProtocolError
+from sandboxd.runtimes import registry
 from sandboxd.worker import WorkerHandle
 
 log = logging.getLogger("sandboxd.generation")
@@ -147,11 +148,10 @@ class Generation:
         # The pools' sizes and the run cgroups' limits.
         self.config = config
         self.zygote = ZygoteHandle(spec)
-        science = bool(spec.python_warm_modules) and spec.python_site_packages is not None
-        plan = pool_sizes(config, spec.roots, spec.egress_netns is not None, science)
+        plan = pool_sizes(config, spec.runtimes, spec.egress_netns is not None)
         self.pools: dict[PoolKey, Pool] = {
-            (language, network, profile): Pool(self, language, size, network, profile)
-            for (language, network, profile), size in plan.items()
+            (name, network): Pool(self, name, registry.named(name).language, size, network)
+            for (name, network), size in plan.items()
         }
         self.number = number
         self.live_workers = 0
@@ -198,6 +198,15 @@ class Generation:
         if not started:
             raise GenerationFailed("the zygote died while its pools were warming up")
 
+    def pool_for(self, key: PoolKey) -> Pool | None:
+        """The pool of `key`, else the one of its language's plain runtime (same network)."""
+        pool = self.pools.get(key)
+        if pool is None:
+            name, network = key
+            plain = registry.plain(registry.named(name).language)
+            pool = self.pools.get((plain.name, network)) if plain is not None else None
+        return pool
+
     async def _watch_zygote(self) -> None:
         """A zygote exits only when retired (this task is cancelled first), so an exit
         seen here is a fault: stop refilling and let the succession replace us (on_death)."""
@@ -216,12 +225,7 @@ class Generation:
         """A pool of this generation gained or lost a ready worker."""
         self.shared.ready_changed(language)
 
-    async def new_worker(
-        self,
-        language: str,
-        network: bool = False,
-        profile: str = profiles.PLAIN,
-    ) -> WorkerHandle:
+    async def new_worker(self, runtime: str, language: str, network: bool = False) -> WorkerHandle:
         worker_id = next(self.shared.ids)
         uid = self.shared.uids.acquire()
         cgroup: RunCgroup | None = None
@@ -230,12 +234,7 @@ class Generation:
                 prepared = verdict.default_limits(self.config.limits)
                 cgroup = self.cgroups.create(f"w{worker_id}", prepared.cgroup())
             order = SpawnOrder(
-                worker_id,
-                language,
-                uid,
-                cgroup.procs_files if cgroup is not None else [],
-                network,
-                profile,
+                worker_id, runtime, uid, cgroup.procs_files if cgroup is not None else [], network
             )
             fds = await self.zygote.spawn(order)
         except BaseException:

@@ -1,4 +1,4 @@
-"""A pool: the ready workers of one (language, network, profile), from one generation.
+"""A pool: the ready workers of one (runtime, network), from one generation.
 
 Theory of operation
 -------------------
@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from sandboxd import profiles
 from sandboxd.protocol import Language, ProtocolError
 from sandboxd.worker import WorkerHandle
 
@@ -27,9 +26,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sandboxd.pool")
 
-# A pool per language, and per whether its workers have network.
-# (language, with network, profile: profiles.PLAIN or profiles.SCIENCE)
-PoolKey = tuple[Language, bool, str]
+# A pool per runtime (runtimes/registry.py), and per whether its workers have network.
+PoolKey = tuple[str, bool]
 
 # Consecutive spawn failures after which requests fail fast instead of waiting.
 FAILING_AFTER = 3
@@ -41,22 +39,22 @@ class PoolRetired(Exception):
 
 
 class Pool:
-    """Ready workers of one language, all forked by one generation's zygote."""
+    """Ready workers of one runtime, all forked by one generation's zygote."""
 
     def __init__(
         self,
         generation: Generation,
+        runtime: str,
         language: Language,
         size: int,
         network: bool = False,
-        profile: str = profiles.PLAIN,
     ) -> None:
         self.generation = generation
+        # The runtime its workers run (a JailSpec.runtimes key), and its wire language.
+        self.runtime = runtime
         self.language = language
         # Whether its workers live in the egress network namespace.
         self.network = network
-        # Which template forks its workers (profiles.py).
-        self.profile = profile
         self.size = size
         self.preparing = 0
         self._send, self._receive = trio.open_memory_channel[WorkerHandle](size)
@@ -88,7 +86,7 @@ class Pool:
         worker: WorkerHandle | None = None
         offered = False
         try:
-            worker = await self.generation.new_worker(self.language, self.network, self.profile)
+            worker = await self.generation.new_worker(self.runtime, self.language, self.network)
             with trio.fail_after(READY_TIMEOUT):
                 await worker.wait_ready()
             self._send.send_nowait(worker)

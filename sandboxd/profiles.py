@@ -1,5 +1,5 @@
-"""Which python3 pool serves a job: the plain one, or the data-science one whose
-template has [python3] warm_modules imported.
+"""Whether a job is for a runtime with warm modules (the data-science one, whose
+template has [python3] warm_modules imported): imports_any(), its record's `claims`.
 
 The choice is a cheap scan of the code's import statements: one pass over its
 lines, string methods only (no parser, no regular expression, nothing that can
@@ -30,13 +30,18 @@ def _imported(line: str) -> list[str]:
     return found
 
 
-def choose(sources: tuple[str, ...], warm_modules: list[str]) -> str:
-    """SCIENCE when any of the sources imports a top-level package of warm_modules."""
+def imports_any(sources: tuple[str, ...], warm_modules: list[str]) -> bool:
+    """Whether any of the sources imports a top-level package of warm_modules."""
     warm = {name.split(".")[0] for name in warm_modules}
     if not warm:
-        return PLAIN
+        return False
     for source in sources:
         for line in source.splitlines():
             if warm.intersection(_imported(line)):
-                return SCIENCE
-    return PLAIN
+                return True
+    return False
+
+
+def choose(sources: tuple[str, ...], warm_modules: list[str]) -> str:
+    """SCIENCE when any of the sources imports a top-level package of warm_modules."""
+    return SCIENCE if imports_any(sources, warm_modules) else PLAIN

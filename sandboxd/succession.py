@@ -23,7 +23,6 @@ from collections.abc import Callable
 
 import trio
 
-from sandboxd import profiles
 from sandboxd.config import Config
 from sandboxd.generation import Generation, GenerationFailed, Shared
 from sandboxd.jail import JailSpec
@@ -31,7 +30,7 @@ from sandboxd.jail.identity import UidPool
 from sandboxd.jail.scope import Placement
 from sandboxd.metrics import Metrics
 from sandboxd.pool import Pool, PoolKey
-from sandboxd.protocol import Language
+from sandboxd.protocol import Language, ProtocolError
 
 log = logging.getLogger("sandboxd.succession")
 
@@ -174,6 +173,7 @@ class Succession:
         """The current generation's pool for `key`, once the generation is alive."""
         while self.generation.dead:
             await self._switched.wait()
-        language, network, _ = key
-        pools = self.generation.pools
-        return pools.get(key) or pools[(language, network, profiles.PLAIN)]
+        pool = self.generation.pool_for(key)
+        if pool is None:
+            raise ProtocolError("unsupported_language", f"{key[0]} is not served here")
+        return pool

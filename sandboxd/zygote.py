@@ -6,7 +6,9 @@ of BOOTSTRAP_PACKAGES, and each worker drops those before user code runs
 (runtimes/python3.py). It gets exactly one fd besides 0-2: a SOCK_SEQPACKET control
 socket, whose number is the only argument. The first packet is ZygoteStart with
 the JailSpec; then each SpawnOrder gets a Spawned (with the worker's fds) or a SpawnFailed. See
-sandboxd/jail/__init__.py for the process tree.
+sandboxd/jail/__init__.py for the process tree. All it knows of a runtime is data in the
+JailSpec (JailSpec.runtimes: root entries, warm modules, seccomp policy, the runner
+module), so it imports no registry and no dependency machinery.
 """
 
 from __future__ import annotations
@@ -37,49 +39,6 @@ from sandboxd.jail import (
 )
 from sandboxd.runtimes import template
 
-# Modules imported once here so that every worker starts with them warm.
-WARM_MODULES = (
-    "json",
-    "base64",
-    "re",
-    "datetime",
-    "collections",
-    "itertools",
-    "functools",
-    "math",
-    "random",
-    "string",
-    "time",
-    "typing",
-    "decimal",
-    "hashlib",
-    "uuid",
-    "traceback",
-    "linecache",
-    "threading",
-    "textwrap",
-    "dataclasses",
-    "enum",
-    "statistics",
-    "copy",
-    "urllib.parse",
-    "zoneinfo",
-    "logging",
-    "io",
-    "struct",
-    "operator",
-    "heapq",
-    "bisect",
-    "fractions",
-    "csv",
-    "pprint",
-    "html",
-    "secrets",
-    "unicodedata",
-    "encodings.idna",
-)
-
-
 # What the zygote imports beyond the standard library; it finds them on their roots alone.
 BOOTSTRAP_PACKAGES = ("sandboxd", "msgspec", "seccomp")
 
@@ -109,17 +68,19 @@ class Zygote:
     def __init__(self, sock: socket.socket, spec: JailSpec) -> None:
         self.sock = sock
         self.spec = spec
-        # One program per language for runs without network and one for runs with it.
-        self.programs = {
-            (language, network): seccomp.compile_policy(
-                language, spec.extra_syscalls.get(language, ()), network
-            )
-            for language in spec.roots
-            for network in (False, True)
-        }
+        # One program per runtime for runs without network and one for runs with it
+        # (runtimes with the same policy and extra calls share theirs).
+        compiled: dict[tuple[str, tuple[str, ...], bool], bytes] = {}
+        self.programs: dict[tuple[str, bool], bytes] = {}
+        for name, runtime in spec.runtimes.items():
+            for with_network in (False, True):
+                key = (runtime.seccomp_policy, tuple(runtime.extra_syscalls), with_network)
+                if key not in compiled:
+                    compiled[key] = seccomp.compile_policy(*key)
+                self.programs[name, with_network] = compiled[key]
         self.egress_fd: int | None = None
-        # The data-science template's socket (None: there is none, or this is it).
-        self.template: socket.socket | None = None
+        # Runtime name -> its template's socket (none in a template itself).
+        self.templates: dict[str, socket.socket] = {}
 
     def prepare(self) -> None:
         # Opened before the zygote leaves the host's network namespace.
@@ -127,15 +88,19 @@ class Zygote:
             os.open(self.spec.egress_netns, os.O_RDONLY) if self.spec.egress_netns else None
         )
         namespaces.isolate_zygote()
-        for language, entries in self.spec.roots.items():
+        for name, runtime in self.spec.runtimes.items():
+            if self.spec.root_name(name) != name:
+                continue  # it shares another runtime's root
             files = {"/etc/hostname": self.spec.hostname.encode() + b"\n"}
-            files.update(runtimes.get(language).root_files(self.spec))
+            files.update(runtimes.get(runtime.runner).root_files(self.spec, runtime))
             if self.spec.egress_netns is not None:
                 # The host's resolver may be on its loopback, unreachable from the jail.
                 files["/etc/resolv.conf"] = network.resolv_conf()
-            rootfs.build(contain.root_of(self.spec, language), entries, files)
-        for name in WARM_MODULES:
-            __import__(name)
+            rootfs.build(contain.root_of(self.spec, name), runtime.entries, files)
+        for runtime in self.spec.runtimes.values():
+            if not runtime.template:
+                for module in runtime.warm_modules:
+                    __import__(module)
         # -S skipped site and the builtins it adds (exit, quit, help, copyright, credits,
         # license), which snippets use; add those alone (site's path handling stays off).
         site.setquit()
@@ -146,7 +111,9 @@ class Zygote:
         # Move every object the zygote made out of the collector's reach, so a worker's
         # garbage collections do not touch (and copy-on-write) the whole warm heap.
         gc.freeze()
-        self.template = template.start(self)
+        for name, runtime in self.spec.runtimes.items():
+            if runtime.template and runtime.warm_modules:
+                self.templates[name] = template.start(self, name)
 
     def serve(self) -> NoReturn:
         while True:
@@ -158,9 +125,10 @@ class Zygote:
                 os._exit(0)  # the daemon is gone or done with this generation
             order = control.order_decoder.decode(packet)
             if isinstance(order, SpawnOrder):
-                if order.profile and self.template is not None:
-                    if not template.relay(self.template, packet, self.sock, order.worker_id):
-                        self.template = None  # gone: later orders are served plain
+                relay_to = self.templates.get(order.runtime)
+                if relay_to is not None:
+                    if not template.relay(relay_to, packet, self.sock, order.worker_id):
+                        del self.templates[order.runtime]  # gone: later orders served plain
                 else:
                     self.spawn(order)
 
@@ -180,8 +148,8 @@ class Zygote:
             return
         if pid == 0:
             self.sock.close()
-            if self.template is not None:
-                self.template.close()
+            for relay_to in self.templates.values():
+                relay_to.close()
             ours.close()
             for fd in (job_w, out_r, err_r):
                 os.close(fd)
@@ -304,14 +272,15 @@ def _enter_jail(
     """Pid 1 of the new namespaces: jail itself (jail/contain.py), run one job."""
     # Only runs with network get the proxy's variables.
     spec = zygote.spec if order.network else msgspec.structs.replace(zygote.spec, proxy_env={})
-    runtime = runtimes.get(order.language)
+    runtime = spec.runtimes[order.runtime]
+    runner = runtimes.get(runtime.runner)
     contain.contain(
         spec,
-        contain.root_of(spec, order.language),
+        contain.root_of(spec, spec.root_name(order.runtime)),
         order.uid,
-        zygote.programs[order.language, order.network],
-        runtime.prepare,
-        runtime.start,
+        zygote.programs[order.runtime, order.network],
+        lambda spec: runner.prepare(spec, runtime),
+        lambda spec, ready_fd: runner.start(spec, runtime, ready_fd),
         stdio,
         go_r,
         ready_w,

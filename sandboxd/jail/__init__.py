@@ -9,8 +9,9 @@ Processes (all forked, none exec'd except node):
       (rootfs.py) and an empty network namespace (namespaces.py);
       seccomp programs compiled once (seccomp.py). It never holds a client
       or listening socket: it is spawned with only its control socket.
-  zygote ──fork──▶ data-science template (root, runtimes/template.py): the same,
-      with [python3] warm_modules imported; forks the data-science pools' keepers
+  zygote ──fork──▶ template (root, runtimes/template.py), one per runtime whose warm
+      modules are imported apart (the data-science one: [python3] warm_modules);
+      the same otherwise; forks that runtime's keepers
   zygote or template ──fork──▶ keeper (root, trusted, never runs user code)
       joins the egress network namespace if the worker is for runs with
       network (network.py); unshare(mount, pid, ipc, uts, and net for a
@@ -51,6 +52,35 @@ class RootEntry(msgspec.Struct, frozen=True):
     target: str = ""
 
 
+class RuntimeJail(msgspec.Struct, frozen=True):
+    """What the zygote and a worker need of one runtime, as data: built in the daemon
+    from the runtime's record (sandboxd/runtimes/), so the zygote imports no registry."""
+
+    # Module under sandboxd.runtimes whose prepare() and start() run one job in the jail.
+    runner: str
+    # Its seccomp policy (jail/seccomp.py POLICIES) and the calls the admin added to it.
+    seccomp_policy: str
+    # Host paths bound read-only into its root.
+    entries: list[RootEntry]
+    extra_syscalls: list[str] = []
+    # The runtime whose root template its workers share ("" or its own name: its own).
+    root: str = ""
+    # Host directory of its dependency environment, bound into the root (None: none).
+    environment: str | None = None
+    # Directories on sys.path of a python worker, as seen inside the jail.
+    path: list[str] = []
+    # Debian's packaged modules bound into the root (debianpy): their top-level paths
+    # in dist-packages, the only things of that sys.path directory a run sees.
+    packaged: list[str] = []
+    # The program its worker execs (node), and the bootstrap it loads, inside the jail.
+    executable: str = ""
+    bootstrap: str = ""
+    # Modules imported before its workers are forked: by the zygote itself, or with
+    # `template`, by a template of its own (a child of the zygote, runtimes/template.py).
+    warm_modules: list[str] = []
+    template: bool = False
+
+
 class JailSpec(msgspec.Struct, frozen=True):
     """Everything the zygote needs to build workers; derived once from the config."""
 
@@ -63,22 +93,13 @@ class JailSpec(msgspec.Struct, frozen=True):
     tasks: int
     file_size_mb: int
     open_files: int
-    # language -> host paths bound into that language's root.
-    roots: dict[str, list[RootEntry]]
-    # Directories on sys.path of a python worker, as seen inside the jail.
-    python_path: list[str]
-    # Host directory of the jail's python packages (None when none are installed).
-    python_site_packages: str | None
-    node_path: str
-    node_bootstrap: str
+    # Runtime name -> what its root holds and how its workers run (registry order).
+    runtimes: dict[str, RuntimeJail]
     # Network namespace (a /run/netns path) of runs with egress, None unless mode "allow".
     egress_netns: str | None = None
-    # Debian's packaged modules bound into the python root (debianpy): their top-level
-    # paths in dist-packages, the only things of that sys.path directory a run sees.
-    python_packaged: list[str] = msgspec.field(default_factory=list)
     # Environment variables of runs with network: the proxy ([network] proxy), else none.
     proxy_env: dict[str, str] = msgspec.field(default_factory=dict)
-    # language -> system calls the admin added to its seccomp allow-list (extra_syscalls).
-    extra_syscalls: dict[str, list[str]] = msgspec.field(default_factory=dict)
-    # Modules of the jail's environment the zygote imports before forking ([python3]).
-    python_warm_modules: list[str] = []
+
+    def root_name(self, runtime: str) -> str:
+        """The root template a runtime's workers pivot into (jail/contain.root_of)."""
+        return self.runtimes[runtime].root or runtime

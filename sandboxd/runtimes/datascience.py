@@ -1,5 +1,6 @@
-"""Data-science support in the python3 worker: its environment, files in, figures
-and files out (the warm template itself is template.py).
+"""Data-science support in the python3 worker: its record (RUNTIME: a python3 runtime
+whose template has [python3] warm_modules imported), its environment, files in,
+figures and files out (the warm template itself is template.py).
 
 Outputs travel in the run's stdout, which the daemon reads and caps: after the
 code, the worker appends a trailer starting with a per-job random boundary the
@@ -15,10 +16,18 @@ import io
 import os
 import stat
 import sys
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import msgspec
 
+from sandboxd import profiles
 from sandboxd.artifacts import MAX_ARTIFACTS, Artifact, Trailer
+from sandboxd.jail import RuntimeJail
+from sandboxd.runtimes import Runtime
+
+if TYPE_CHECKING:
+    from sandboxd.config import Config
 
 # The environment both the zygote (while importing) and every worker get: one BLAS or
 # OpenMP thread (a forked child keeps only the forking thread, so pools must not
@@ -38,6 +47,42 @@ WORK_DIR = "/tmp"
 
 
 _trailer_encoder = msgspec.json.Encoder()
+
+
+def warm_modules(config: Config) -> list[str]:
+    """[python3] warm_modules as a list."""
+    return [m.strip() for m in config.python3.warm_modules.split(",") if m.strip()]
+
+
+def jail(config: Config, built: Mapping[str, RuntimeJail]) -> RuntimeJail | None:
+    """The python3 jail with the warm modules imported in a template of its own; not
+    served without warm modules or without a dependency environment to import them from."""
+    python = built.get("python3")
+    modules = warm_modules(config)
+    if python is None or python.environment is None or not modules:
+        return None
+    return msgspec.structs.replace(python, warm_modules=modules, template=True)
+
+
+def _claims(sources: tuple[str, ...], jail: RuntimeJail) -> bool:
+    return profiles.imports_any(sources, jail.warm_modules)
+
+
+def _enabled(config: Config) -> bool:
+    return bool(warm_modules(config))
+
+
+RUNTIME = Runtime(
+    name=profiles.SCIENCE,
+    language="python3",
+    runner="python3",
+    seccomp_policy="python3",
+    section="python3",
+    jail=jail,
+    pool_divisor=2,
+    claims=_claims,
+    enabled=_enabled,
+)
 
 
 def write_inputs(files: dict[str, bytes]) -> None:

@@ -1,4 +1,5 @@
-"""The python3 runtime: a forked zygote child runs one job as `__main__` and exits.
+"""The python3 runtime: its record (RUNTIME: the jail root, warm modules, dependency
+environment), and its runner: a forked zygote child runs one job as `__main__` and exits.
 
 User code shares this interpreter and can rewrite anything in it, so nothing
 here reports an outcome: the exit status is read by the keeper with wait4.
@@ -23,12 +24,16 @@ import sys
 import threading
 import traceback
 import types
-from typing import NoReturn
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, NoReturn
 
 from sandboxd import control
 from sandboxd.control import JobHeader
-from sandboxd.jail import JailSpec, rlimits
-from sandboxd.runtimes import datascience
+from sandboxd.jail import JailSpec, RuntimeJail, rlimits
+from sandboxd.runtimes import DepsLayout, Runtime, datascience
+
+if TYPE_CHECKING:
+    from sandboxd.config import Config, DepsConfig
 
 # The whole environment a run sees; nothing of the host's is passed in.
 ENVIRONMENT = {
@@ -41,12 +46,122 @@ ENVIRONMENT = {
 }
 
 
-def root_files(spec: JailSpec) -> dict[str, bytes]:
+# Modules the zygote imports once so that every worker starts with them warm.
+WARM_MODULES = (
+    "json",
+    "base64",
+    "re",
+    "datetime",
+    "collections",
+    "itertools",
+    "functools",
+    "math",
+    "random",
+    "string",
+    "time",
+    "typing",
+    "decimal",
+    "hashlib",
+    "uuid",
+    "traceback",
+    "linecache",
+    "threading",
+    "textwrap",
+    "dataclasses",
+    "enum",
+    "statistics",
+    "copy",
+    "urllib.parse",
+    "zoneinfo",
+    "logging",
+    "io",
+    "struct",
+    "operator",
+    "heapq",
+    "bisect",
+    "fractions",
+    "csv",
+    "pprint",
+    "html",
+    "secrets",
+    "unicodedata",
+    "encodings.idna",
+)
+
+# Where the dependency environment's packages appear inside the python jail.
+JAIL_SITE_PACKAGES = "/opt/sandboxd/python"
+
+
+def jail(config: Config, built: Mapping[str, RuntimeJail]) -> RuntimeJail:
+    """The python3 root: the host's interpreter and stdlib, the live dependency
+    environment, and Debian's packaged modules behind it (debianpy)."""
+    import sysconfig
+
+    from sandboxd import debianpy, deps
+    from sandboxd.jail import rootfs
+
+    stdlib = sysconfig.get_paths()["stdlib"]
+    path = [stdlib, os.path.join(stdlib, "lib-dynload")]
+    extra: dict[str, str] = {}
+    site = deps.live_python_site_packages(config.server.state_dir)
+    if site is not None:
+        extra[site] = JAIL_SITE_PACKAGES
+        path.append(JAIL_SITE_PACKAGES)
+    entries = rootfs.python_entries(extra)
+    # Debian's jinja2, requests, httpx: importable offline, behind the synced environment.
+    packaged = [e for e in debianpy.root_entries("python3") if e not in entries]
+    if packaged:
+        entries += packaged
+        path.append(debianpy.DIST_PACKAGES)
+    return RuntimeJail(
+        runner="python3",
+        seccomp_policy="python3",
+        entries=entries,
+        environment=site,
+        path=path,
+        packaged=[e.path for e in packaged if e.path.startswith(debianpy.DIST_PACKAGES + "/")],
+        warm_modules=list(WARM_MODULES),
+    )
+
+
+def environment() -> DepsLayout:
+    """Its dependency environment: a venv of the host's python3, filled by pip (deps.py,
+    imported only here, in the daemon: never in the zygote)."""
+    from sandboxd import deps
+
+    def sync(
+        config: DepsConfig, state_dir: str, offline: bool, wheelhouse: str | None, force: bool
+    ) -> str:
+        return deps.sync_python(
+            state_dir, config.python_requirements, config.index_url, offline, wheelhouse, force
+        )
+
+    return DepsLayout(
+        "python",
+        lambda config: config.python_requirements,
+        sync,
+        deps.live_python_site_packages,
+        deps.installed_python,
+    )
+
+
+RUNTIME = Runtime(
+    name="python3",
+    language="python3",
+    runner="python3",
+    seccomp_policy="python3",
+    section="python3",
+    jail=jail,
+    deps=environment,
+)
+
+
+def root_files(spec: JailSpec, runtime: RuntimeJail) -> dict[str, bytes]:
     return {}
 
 
-def prepare(spec: JailSpec) -> None:
-    sys.path[:] = spec.python_path
+def prepare(spec: JailSpec, runtime: RuntimeJail) -> None:
+    sys.path[:] = runtime.path
     sys.path_importer_cache.clear()
     sys.argv[:] = ["-c"]
     os.environ.clear()
@@ -59,20 +174,20 @@ def _jail_module(module: object, jail_dirs: tuple[str, ...], jail_files: set[str
     return (bool(jail_dirs) and location.startswith(jail_dirs)) or location in jail_files
 
 
-def forget_bootstrap(spec: JailSpec) -> None:
+def forget_bootstrap(runtime: RuntimeJail) -> None:
     """Drop from sys.modules every module that is neither the standard library's nor
     the jail environment's (warmed by the zygote), so an import finds the jail's.
 
-    Of Debian's dist-packages only the bound packages count (spec.python_packaged):
+    Of Debian's dist-packages only the bound packages count (RuntimeJail.packaged):
     the zygote's own seccomp bindings live in that directory too.
     """
-    packaged_dirs = {os.path.dirname(path) for path in spec.python_packaged}
-    dirs = [p for p in (*spec.python_path, spec.python_site_packages) if p]
+    packaged_dirs = {os.path.dirname(path) for path in runtime.packaged}
+    dirs = [p for p in (*runtime.path, runtime.environment) if p]
     jail_dirs = tuple(
         os.path.join(path, "")
-        for path in [*(d for d in dirs if d not in packaged_dirs), *spec.python_packaged]
+        for path in [*(d for d in dirs if d not in packaged_dirs), *runtime.packaged]
     )
-    jail_files = set(spec.python_packaged)  # single-file modules such as six.py
+    jail_files = set(runtime.packaged)  # single-file modules such as six.py
     for name, module in list(sys.modules.items()):
         if name.partition(".")[0] in sys.stdlib_module_names or _jail_module(
             module, jail_dirs, jail_files
@@ -158,7 +273,7 @@ def _shutdown(code: int) -> NoReturn:
     os._exit(code)
 
 
-def start(spec: JailSpec, ready_fd: int) -> NoReturn:
+def start(spec: JailSpec, runtime: RuntimeJail, ready_fd: int) -> NoReturn:
     os.write(ready_fd, b"ok")
     os.close(ready_fd)
     try:
@@ -166,7 +281,7 @@ def start(spec: JailSpec, ready_fd: int) -> NoReturn:
     except EOFError:
         os._exit(0)  # retired without a job
     rlimits.lower_for_job(job.memory_mb, job.timeout)
-    forget_bootstrap(spec)
+    forget_bootstrap(runtime)
     _set_stdio()
     datascience.write_inputs(job.files)
     if job.boundary:

@@ -1,5 +1,5 @@
-"""The data-science template: a child of the zygote with [python3] warm_modules
-imported, which forks the workers of the data-science pools (profiles.py).
+"""A template: a child of the zygote with a runtime's warm modules imported (the
+data-science runtime's: [python3] warm_modules), which forks that runtime's workers.
 
 The zygote stays plain (the stdlib only): a 100 MB template makes every fork and
 every worker exit slower, which plain runs should not pay. The template is forked
@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 from sandboxd import control
 from sandboxd.control import SpawnFailed
-from sandboxd.jail import JailSpec, libc
+from sandboxd.jail import RuntimeJail, libc
 from sandboxd.runtimes.datascience import ENVIRONMENT
 
 if TYPE_CHECKING:
@@ -75,17 +75,19 @@ def reseed_after_fork() -> None:
             os.register_at_fork(after_in_child=lambda code=code: exec(code, {}))
 
 
-def prepare(spec: JailSpec, scratch: str) -> list[str]:
-    """Expose the jail's environment, then import the warm modules; problems as lines."""
-    site = spec.python_site_packages
-    targets = [e.target for e in spec.roots.get("python3", []) if e.path == site and e.target]
-    if site is None or not targets or not spec.python_warm_modules:
+def prepare(runtime: RuntimeJail, scratch: str) -> list[str]:
+    """Expose the jail's environment (if any), then import the warm modules; problems
+    as lines."""
+    site = runtime.environment
+    targets = [e.target for e in runtime.entries if e.path == site and e.target]
+    if not runtime.warm_modules:
         return []
-    try:
-        expose(site, targets[0], scratch)
-    except OSError as exc:
-        return [f"environment not exposed in the zygote, nothing warmed: {exc}"]
-    return warm(spec.python_path, spec.python_warm_modules)
+    if site is not None and targets:
+        try:
+            expose(site, targets[0], scratch)
+        except OSError as exc:
+            return [f"environment not exposed in the zygote, nothing warmed: {exc}"]
+    return warm(runtime.path, runtime.warm_modules)
 
 
 def expose(source: str, target: str, scratch: str) -> None:
@@ -150,29 +152,27 @@ def warm(python_path: list[str], modules: list[str]) -> list[str]:
     return problems
 
 
-def start(zygote: Zygote) -> socket.socket | None:
-    """Fork the template when there is something to warm; the zygote's end of its socket."""
-    spec = zygote.spec
-    if not spec.python_warm_modules or spec.python_site_packages is None:
-        return None
-    if "python3" not in spec.roots:
-        return None
+def start(zygote: Zygote, name: str) -> socket.socket:
+    """Fork the template of runtime `name`; the zygote's end of its socket."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     pid = os.fork()
     if pid == 0:
         ours.close()
-        _serve(zygote, theirs)
+        _serve(zygote, name, theirs)
     theirs.close()
     return ours
 
 
-def _serve(zygote: Zygote, sock: socket.socket) -> NoReturn:
+def _serve(zygote: Zygote, name: str, sock: socket.socket) -> NoReturn:
     try:
         libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
         zygote.sock.close()
         zygote.sock = sock
-        scratch = os.path.join(zygote.spec.runtime_dir, "warm-overlay")
-        for problem in prepare(zygote.spec, scratch):
+        for other in zygote.templates.values():  # the templates forked before this one
+            other.close()
+        zygote.templates = {}
+        scratch = os.path.join(zygote.spec.runtime_dir, f"warm-overlay-{name}")
+        for problem in prepare(zygote.spec.runtimes[name], scratch):
             print(f"sandboxd template: warm modules: {problem}", file=sys.stderr)
         reseed_after_fork()
         gc.freeze()
@@ -196,7 +196,7 @@ def relay(template: socket.socket, packet: bytes, daemon: socket.socket, worker_
             fds.extend(memoryview(data).cast("i"))
     try:
         if not reply:
-            failed = SpawnFailed(worker_id, "the data-science template is gone")
+            failed = SpawnFailed(worker_id, "the runtime's template is gone")
             daemon.send(control.encoder.encode(failed))
             return False
         rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []

@@ -22,6 +22,8 @@ import pytest
 from sandboxd import deps
 
 API_KEY = "integration-test-key"
+# How a test daemon's `sandboxd` is started: this checkout's package, by default.
+SANDBOXD = (sys.executable, "-m", "sandboxd")
 START_TIMEOUT = 60.0
 # Each test daemon gets a uid range of its own, so no two daemons alive at once (in
 # this session or in another test session started with another SANDBOXD_TEST_UID_BASE)
@@ -105,8 +107,9 @@ def start_daemon(
     config_text: str = "",
     env: dict[str, str] | None = None,
     state_dir: str | None = None,
+    program: tuple[str, ...] = SANDBOXD,
 ) -> Daemon:
-    """Start `sandboxd serve` with its own socket, dirs and port under `base`."""
+    """Start `sandboxd serve` (by `program`) with its own socket, dirs and port under `base`."""
     if os.geteuid() != 0:
         pytest.fail("the integration tests need root (they build real jails); run them as root")
     base.mkdir(parents=True, exist_ok=True)
@@ -122,7 +125,11 @@ def start_daemon(
     socket_path, runtime_dir = str(base / "sandboxd.sock"), str(base / "run")
     state_dir = state_dir or str(base / "state")
     log_path = base / "daemon.log"
-    process = _launch(str(config_path), socket_path, runtime_dir, state_dir, log_path, env)
+    process = _launch(
+        serve_command(str(config_path), socket_path, runtime_dir, state_dir, program),
+        log_path,
+        env,
+    )
     daemon = Daemon(
         socket_path,
         f"http://127.0.0.1:{port}",
@@ -142,10 +149,7 @@ def start_daemon(
 def restart_daemon(daemon: Daemon, env: dict[str, str] | None = None) -> None:
     """Start a stopped daemon again: same config, socket, dirs and port; same log file."""
     daemon.process = _launch(
-        daemon.config_path,
-        daemon.socket_path,
-        daemon.runtime_dir,
-        daemon.state_dir,
+        serve_command(daemon.config_path, daemon.socket_path, daemon.runtime_dir, daemon.state_dir),
         daemon.log_path,
         env,
     )
@@ -153,26 +157,25 @@ def restart_daemon(daemon: Daemon, env: dict[str, str] | None = None) -> None:
 
 
 def serve_command(
-    config_path: str, socket_path: str, runtime_dir: str, state_dir: str
+    config_path: str,
+    socket_path: str,
+    runtime_dir: str,
+    state_dir: str,
+    program: tuple[str, ...] = SANDBOXD,
 ) -> list[str]:
     """`sandboxd serve` of this checkout with its own config, socket and directories."""
     return [
-        sys.executable, "-m", "sandboxd", "serve", "--config", config_path,
+        *program, "serve", "--config", config_path,
         "--socket", socket_path, "--runtime-dir", runtime_dir, "--state-dir", state_dir,
     ]  # fmt: skip
 
 
 def _launch(
-    config_path: str,
-    socket_path: str,
-    runtime_dir: str,
-    state_dir: str,
-    log_path: Path,
-    env: dict[str, str] | None,
+    command: list[str], log_path: Path, env: dict[str, str] | None
 ) -> subprocess.Popen[bytes]:
     with log_path.open("ab") as log:
         return subprocess.Popen(
-            serve_command(config_path, socket_path, runtime_dir, state_dir),
+            command,
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,

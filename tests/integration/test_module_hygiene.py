@@ -12,7 +12,7 @@ import sys
 import sysconfig
 
 from sandboxd import debianpy
-from sandboxd.daemon import JAIL_SITE_PACKAGES
+from sandboxd.runtimes.python3 import JAIL_SITE_PACKAGES
 from tests.integration.conftest import Daemon
 
 LIST_MODULES = """
@@ -57,7 +57,10 @@ def test_a_run_starts_with_only_stdlib_and_jail_modules(daemon: Daemon) -> None:
         assert bootstrap not in modules
     # Debian's jinja2/requests/httpx (debianpy) come last, behind the synced environment.
     assert seen["path"] == [
-        stdlib.rstrip("/"), stdlib + "lib-dynload", JAIL_SITE_PACKAGES, debianpy.DIST_PACKAGES
+        stdlib.rstrip("/"),
+        stdlib + "lib-dynload",
+        JAIL_SITE_PACKAGES,
+        debianpy.DIST_PACKAGES,
     ]
 
 

@@ -224,7 +224,7 @@ def test_uid_pool_counts_the_network_and_data_science_pools(tmp_path: Path) -> N
         '[network]\nmode = "allow"\n'
     )
     # Plain 4 + 2, network 2 + 1, data science 2 + 1 (python3 only): 12 a generation.
-    plan = pool_sizes(load_text(tmp_path, pools), ("python3", "nodejs"), True, True)
+    plan = pool_sizes(load_text(tmp_path, pools), ("python3", "science", "nodejs"), True)
     assert sum(plan.values()) == 12
     assert load_text(tmp_path, pools + "[jail]\nuid_min = 100\nuid_max = 127\n")
     message = error_of(tmp_path, pools + "[jail]\nuid_min = 100\nuid_max = 126\n")
