@@ -60,7 +60,7 @@ def build_spec(config: Config, cgroups_in_force: bool) -> tuple[JailSpec, dict[s
         )
         # Workers whose roots would hold the same share one root template.
         same = (
-            n
+            o.root or n
             for n, o in built.items()
             if (o.runner, o.entries, o.bootstrap) == (jail.runner, jail.entries, jail.bootstrap)
         )
