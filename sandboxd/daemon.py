@@ -21,7 +21,7 @@ from functools import partial
 import msgspec
 import trio
 
-from sandboxd import debianpy, deps, http, server, systemd
+from sandboxd import debianpy, deps, http, profiles, server, systemd
 from sandboxd.budget import ByteBudget
 from sandboxd.config import Config, ConfigError, parse_listen
 from sandboxd.dispatcher import Dispatcher
@@ -30,6 +30,7 @@ from sandboxd.jail import JailSpec, cgroup, identity, network, rlimits, rootfs, 
 from sandboxd.jail.scope import Placement
 from sandboxd.metrics import Metrics
 from sandboxd.pool import Pool
+from sandboxd.runtimes import datascience
 from sandboxd.runtimes.nodejs import NODE_MODULES
 
 log = logging.getLogger("sandboxd")
@@ -60,6 +61,9 @@ def build_spec(config: Config, cgroups_in_force: bool) -> tuple[JailSpec, dict[s
         roots["python3"] += packaged
         python_path.append(debianpy.DIST_PACKAGES)
     python_packaged = [e.path for e in packaged if e.path.startswith(debianpy.DIST_PACKAGES + "/")]
+    # Debian's numpy, pandas, matplotlib: only in the data-science pools' root.
+    science = [e for e in debianpy.root_entries(profiles.SCIENCE) if e not in roots["python3"]]
+    warm = [m.strip() for m in config.python3.warm_modules.split(",") if m.strip()]
     unavailable: dict[str, str] = {}
     node = config.nodejs.path
     if not (os.path.isfile(node) and os.access(node, os.X_OK)):
@@ -101,9 +105,10 @@ def build_spec(config: Config, cgroups_in_force: bool) -> tuple[JailSpec, dict[s
             "python3": list(config.python3.extra_syscalls),
             "nodejs": list(config.nodejs.extra_syscalls),
         },
-        python_warm_modules=[
-            m.strip() for m in config.python3.warm_modules.split(",") if m.strip()
-        ],
+        python_warm_modules=datascience.installed(
+            warm, site, [*python_packaged, *(e.path for e in science)]
+        ),
+        profile_roots={profiles.SCIENCE: science} if science else {},
     )
     return spec, unavailable
 

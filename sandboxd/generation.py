@@ -148,7 +148,8 @@ class Generation:
         # The pools' sizes and the run cgroups' limits.
         self.config = config
         self.zygote = ZygoteHandle(spec)
-        science = bool(spec.python_warm_modules) and spec.python_site_packages is not None
+        # Warm modules the jail can import (Debian's bound, or synced): a data-science pool.
+        science = bool(spec.python_warm_modules)
         plan = pool_sizes(config, spec.roots, spec.egress_netns is not None, science)
         self.pools: dict[PoolKey, Pool] = {
             (language, network, profile): Pool(self, language, size, network, profile)

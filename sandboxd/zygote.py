@@ -128,12 +128,7 @@ class Zygote:
         )
         namespaces.isolate_zygote()
         for language, entries in self.spec.roots.items():
-            files = {"/etc/hostname": self.spec.hostname.encode() + b"\n"}
-            files.update(runtimes.get(language).root_files(self.spec))
-            if self.spec.egress_netns is not None:
-                # The host's resolver may be on its loopback, unreachable from the jail.
-                files["/etc/resolv.conf"] = network.resolv_conf()
-            rootfs.build(contain.root_of(self.spec, language), entries, files)
+            rootfs.build(contain.root_of(self.spec, language), entries, self.root_files(language))
         for name in WARM_MODULES:
             __import__(name)
         # -S skipped site and the builtins it adds (exit, quit, help, copyright, credits,
@@ -147,6 +142,15 @@ class Zygote:
         # garbage collections do not touch (and copy-on-write) the whole warm heap.
         gc.freeze()
         self.template = template.start(self)
+
+    def root_files(self, language: str) -> dict[str, bytes]:
+        """The files written into a language's root (besides rootfs.ETC_FILES)."""
+        files = {"/etc/hostname": self.spec.hostname.encode() + b"\n"}
+        files.update(runtimes.get(language).root_files(self.spec))
+        if self.spec.egress_netns is not None:
+            # The host's resolver may be on its loopback, unreachable from the jail.
+            files["/etc/resolv.conf"] = network.resolv_conf()
+        return files
 
     def serve(self) -> NoReturn:
         while True:

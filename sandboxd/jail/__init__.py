@@ -80,5 +80,9 @@ class JailSpec(msgspec.Struct, frozen=True):
     proxy_env: dict[str, str] = msgspec.field(default_factory=dict)
     # language -> system calls the admin added to its seccomp allow-list (extra_syscalls).
     extra_syscalls: dict[str, list[str]] = msgspec.field(default_factory=dict)
-    # Modules of the jail's environment the zygote imports before forking ([python3]).
+    # Modules the data-science template imports before forking ([python3] warm_modules),
+    # only those the jail can import (datascience.installed); none: no such pools.
     python_warm_modules: list[str] = []
+    # profile -> what its pools' python3 root holds beyond the plain one (debianpy):
+    # Debian's numpy, pandas, matplotlib for profiles.SCIENCE.
+    profile_roots: dict[str, list[RootEntry]] = msgspec.field(default_factory=dict)

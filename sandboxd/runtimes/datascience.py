@@ -15,6 +15,7 @@ import io
 import os
 import stat
 import sys
+from importlib.machinery import PathFinder
 
 import msgspec
 
@@ -38,6 +39,19 @@ WORK_DIR = "/tmp"
 
 
 _trailer_encoder = msgspec.json.Encoder()
+
+
+def installed(modules: list[str], site: str | None, packaged: list[str]) -> list[str]:
+    """The `modules` whose top-level package a data-science jail can import: from the
+    synced environment (host directory `site`) or among Debian's bound top-level paths
+    (`packaged`, e.g. .../dist-packages/numpy); none means no data-science pool."""
+    bound = {os.path.basename(path).split(".")[0] for path in packaged}
+
+    def found(top: str) -> bool:
+        synced = site is not None and PathFinder.find_spec(top, [site]) is not None
+        return synced or top in bound
+
+    return [name for name in modules if found(name.split(".")[0])]
 
 
 def write_inputs(files: dict[str, bytes]) -> None:

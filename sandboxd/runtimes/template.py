@@ -3,11 +3,14 @@ imported, which forks the workers of the data-science pools (profiles.py).
 
 The zygote stays plain (the stdlib only): a 100 MB template makes every fork and
 every worker exit slower, which plain runs should not pay. The template is forked
-from the zygote after its preparation, so it shares the zygote's mount namespace,
-root templates and seccomp programs; it imports the modules from the jail's own
-environment (never the daemon's venv), exposed at the path the jail sees it, runs
-the WARM_UP table, and then serves spawn orders that the zygote relays to it over
-a seqpacket socket, answering with the worker's fds the zygote passes on.
+from the zygote after its preparation, so it holds the zygote's root templates and
+seccomp programs. In a mount namespace of its own it builds the data-science root
+over the python3 one (science_spec: Debian's numpy, pandas and matplotlib, which
+the plain pools' root does not hold), imports the modules chrooted into that root,
+so they are loaded from where a worker finds them (the synced environment first,
+then Debian's), runs the WARM_UP table, and then serves spawn orders that the zygote
+relays to it over a seqpacket socket, answering with the worker's fds the zygote
+passes on.
 
 Trust: the admin chose these packages, so their import-time code runs as root in
 the template before any user code, like the zygote's own. No caller-supplied code
@@ -21,16 +24,16 @@ from __future__ import annotations
 import array
 import gc
 import os
-import shutil
 import signal
 import socket
 import sys
-import tempfile
 from typing import TYPE_CHECKING, NoReturn
 
-from sandboxd import control
+import msgspec
+
+from sandboxd import control, debianpy, profiles
 from sandboxd.control import SpawnFailed
-from sandboxd.jail import JailSpec, libc
+from sandboxd.jail import JailSpec, contain, libc, rootfs
 from sandboxd.runtimes.datascience import ENVIRONMENT
 
 if TYPE_CHECKING:
@@ -75,72 +78,67 @@ def reseed_after_fork() -> None:
             os.register_at_fork(after_in_child=lambda code=code: exec(code, {}))
 
 
-def prepare(spec: JailSpec, scratch: str) -> list[str]:
-    """Expose the jail's environment, then import the warm modules; problems as lines."""
-    site = spec.python_site_packages
-    targets = [e.target for e in spec.roots.get("python3", []) if e.path == site and e.target]
-    if site is None or not targets or not spec.python_warm_modules:
-        return []
-    try:
-        expose(site, targets[0], scratch)
-    except OSError as exc:
-        return [f"environment not exposed in the zygote, nothing warmed: {exc}"]
-    return warm(spec.python_path, spec.python_warm_modules)
+def science_spec(spec: JailSpec) -> JailSpec:
+    """The spec of the data-science workers: the python3 root with the science profile's
+    entries (spec.profile_roots) added, Debian's dist-packages on sys.path behind the
+    synced environment, and the bound packages kept by forget_bootstrap."""
+    extra = spec.profile_roots.get(profiles.SCIENCE, [])
+    if not extra:
+        return spec
+    packaged = [e.path for e in extra if e.path.startswith(debianpy.DIST_PACKAGES + "/")]
+    path = [p for p in spec.python_path if p != debianpy.DIST_PACKAGES]
+    return msgspec.structs.replace(
+        spec,
+        roots={**spec.roots, "python3": [*spec.roots["python3"], *extra]},
+        python_path=[*path, debianpy.DIST_PACKAGES],
+        python_packaged=[*spec.python_packaged, *packaged],
+    )
 
 
-def expose(source: str, target: str, scratch: str) -> None:
-    """In the zygote's own mount namespace, show host directory `source` at `target`,
-    the path where the jail sees it, so warm modules carry the jail's paths (__file__,
-    matplotlib's data and font paths). A missing target is made in an overlay on its
-    nearest existing ancestor, upper layer on a tmpfs at `scratch`: the host's
-    filesystem is not written."""
-    if not os.path.isdir(target):
-        anchor = os.path.dirname(target)
-        while not os.path.isdir(anchor):
-            anchor = os.path.dirname(anchor)
-        if anchor == "/":
-            raise OSError(f"no directory to lay an overlay on for {target}")
-        os.makedirs(scratch, mode=0o700, exist_ok=True)
-        libc.mount("tmpfs", scratch, "tmpfs", libc.MS_NOSUID | libc.MS_NODEV, "mode=0700")
-        for layer in ("upper", "work"):
-            os.mkdir(os.path.join(scratch, layer))
-        options = f"lowerdir={anchor},upperdir={scratch}/upper,workdir={scratch}/work"
-        libc.mount("overlay", anchor, "overlay", 0, options)
-        os.makedirs(target)
-    libc.mount(source, target, None, libc.MS_BIND | libc.MS_REC)
+def prepare(zygote: Zygote) -> list[str]:
+    """In a mount namespace of the template's own: the data-science root over the
+    python3 root (at the path the keepers pivot into), then the warm modules imported
+    inside it. Problems importing are lines; a root that cannot be built raises."""
+    libc.unshare(libc.CLONE_NEWNS)
+    libc.mount("none", "/", None, libc.MS_REC | libc.MS_PRIVATE)
+    plain = zygote.spec
+    zygote.spec = science_spec(plain)
+    root = contain.root_of(plain, "python3")
+    if zygote.spec != plain:
+        rootfs.build(root, zygote.spec.roots["python3"], zygote.root_files("python3"))
+    return warm(root, zygote.spec.python_path, zygote.spec.python_warm_modules)
 
 
-def warm(python_path: list[str], modules: list[str]) -> list[str]:
-    """Import `modules` in the zygote with the jail's sys.path only (expose() put the
-    environment at its jail path); returns one line per module that failed to import
-    (modules that are not installed are skipped silently)."""
-    if not modules:
-        return []
+def warm(root: str, python_path: list[str], modules: list[str]) -> list[str]:
+    """Import `modules` chrooted into the jail root `root`, with the jail's sys.path
+    and environment and a scratch tmpfs on its /tmp (matplotlib's caches), then come
+    back out; one line per module that failed to import (modules that are not
+    installed are skipped silently) or per thread or fd they left behind."""
     saved_path = sys.path[:]
     saved_env = dict(os.environ)
-    cache = tempfile.mkdtemp(prefix="sandboxd-warm-")
+    fds = set(os.listdir("/proc/self/fd"))
+    libc.mount("sandboxd-warm", root + "/tmp", "tmpfs", libc.MS_NOSUID | libc.MS_NODEV, "mode=0700")
+    outside = os.open("/", os.O_RDONLY | os.O_DIRECTORY)
+    here = os.open(".", os.O_RDONLY | os.O_DIRECTORY)
     os.environ.update(ENVIRONMENT)
-    os.environ["MPLCONFIGDIR"] = cache
     sys.path[:] = python_path
     sys.path_importer_cache.clear()
-    problems: list[str] = []
-    fds = set(os.listdir("/proc/self/fd"))
     try:
-        for name in modules:
-            try:
-                __import__(name)
-                exec(WARM_UP.get(name, ""), {})
-            except ModuleNotFoundError as exc:
-                if exc.name is None or name.split(".")[0] != exc.name.split(".")[0]:
-                    problems.append(f"{name}: {exc}")
-            except Exception as exc:
-                problems.append(f"{name}: {exc!r}")
+        os.chroot(root)
+        os.chdir("/tmp")
+        problems = _import(modules)
     finally:
+        # Back to the zygote's root: root may leave a chroot through a directory fd.
+        os.fchdir(outside)
+        os.chroot(".")
+        os.fchdir(here)
+        os.close(outside)
+        os.close(here)
+        libc.umount2(root + "/tmp", libc.MNT_DETACH)
         sys.path[:] = saved_path
         sys.path_importer_cache.clear()
         os.environ.clear()
         os.environ.update(saved_env)
-        shutil.rmtree(cache, ignore_errors=True)
     threads = len(os.listdir("/proc/self/task"))
     if threads != 1:
         problems.append(f"the warm modules left {threads} threads in the zygote")
@@ -150,12 +148,24 @@ def warm(python_path: list[str], modules: list[str]) -> list[str]:
     return problems
 
 
+def _import(modules: list[str]) -> list[str]:
+    problems: list[str] = []
+    for name in modules:
+        try:
+            __import__(name)
+            exec(WARM_UP.get(name, ""), {})
+        except ModuleNotFoundError as exc:
+            if exc.name is None or name.split(".")[0] != exc.name.split(".")[0]:
+                problems.append(f"{name}: {exc}")
+        except Exception as exc:
+            problems.append(f"{name}: {exc!r}")
+    return problems
+
+
 def start(zygote: Zygote) -> socket.socket | None:
     """Fork the template when there is something to warm; the zygote's end of its socket."""
     spec = zygote.spec
-    if not spec.python_warm_modules or spec.python_site_packages is None:
-        return None
-    if "python3" not in spec.roots:
+    if not spec.python_warm_modules or "python3" not in spec.roots:
         return None
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     pid = os.fork()
@@ -171,8 +181,7 @@ def _serve(zygote: Zygote, sock: socket.socket) -> NoReturn:
         libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
         zygote.sock.close()
         zygote.sock = sock
-        scratch = os.path.join(zygote.spec.runtime_dir, "warm-overlay")
-        for problem in prepare(zygote.spec, scratch):
+        for problem in prepare(zygote):
             print(f"sandboxd template: warm modules: {problem}", file=sys.stderr)
         reseed_after_fork()
         gc.freeze()
