@@ -86,6 +86,8 @@ def test_warm_modules_are_imported_from_the_jail_environment(science: Daemon) ->
     if debian_versions is not None:
         got = tuple(".".join(v.split(".")[:2]) for v in versions.split())
         assert got == debian_versions, versions
+    # Every warm module imported, and none left a thread (BLAS) or an fd in the template.
+    assert "warm modules:" not in science.log_path.read_text()
 
 
 def test_a_run_that_imports_no_warm_module_gets_a_plain_worker(science: Daemon) -> None:
@@ -254,22 +256,30 @@ def test_too_many_files_and_bad_base64_are_bad_requests(science: Daemon) -> None
 
 
 BROAD_RUN = (
-    "import threading, numpy as np, pandas as pd, matplotlib.pyplot as plt\n"
+    "import os, threading, numpy as np, pandas as pd, matplotlib.pyplot as plt\n"
     "m = np.random.default_rng(0).random((200, 200))\n"
-    "t = threading.Thread(target=lambda: np.linalg.inv(m)); t.start(); t.join()\n"
-    "frame = pd.DataFrame({'k': list('abcab'), 'v': range(5)})\n"
-    "plt.figure(figsize=(2, 2), dpi=40); plt.plot(frame['v']); plt.title('fonts')\n"
-    "print(frame.groupby('k')['v'].sum().to_dict())\n"
+    "work = lambda: (np.linalg.inv(m), m @ m)\n"
+    "threads = [threading.Thread(target=work) for _ in range(3)]\n"
+    "[t.start() for t in threads]; [t.join() for t in threads]\n"
+    "frame = pd.read_csv('rows.csv')\n"
+    "plt.figure(figsize=(2, 2), dpi=40); plt.plot(frame['v']); plt.title('fonts $x^2$')\n"
+    "plt.savefig('/tmp/out/plot.png')\n"
+    "print(frame.groupby('k')['v'].sum().to_dict(), len(os.sched_getaffinity(0)) > 0)\n"
 )
+ROWS = {"rows.csv": base64.b64encode(b"k,v\na,0\nb,1\nc,2\na,3\nb,4\n").decode()}
 
 
 def test_fifty_concurrent_data_science_runs_all_ok(science: Daemon) -> None:
+    # BLAS from three threads, read_csv of a sent file, groupby, mathtext and a PNG:
+    # under concurrency, no system call of theirs may be a seccomp kill.
     with ThreadPoolExecutor(max_workers=50) as pool:
-        answers = list(pool.map(lambda _: science.run(BROAD_RUN, timeout=60), range(50)))
+        answers = list(
+            pool.map(lambda _: science.run(BROAD_RUN, timeout=60, files=ROWS), range(50))
+        )
     statuses = [a.get("status") for a in answers]
     assert statuses == ["ok"] * 50, [a for a in answers if a.get("status") != "ok"][:3]
-    assert {a["stdout"] for a in answers} == {"{'a': 3, 'b': 5, 'c': 2}\n"}
-    assert all(len(a["images"]) == 1 for a in answers)
+    assert {a["stdout"] for a in answers} == {"{'a': 3, 'b': 5, 'c': 2} True\n"}
+    assert all(len(a["images"]) == 1 and len(a["files"]) == 1 for a in answers)
     science.assert_healthy()
 
 
