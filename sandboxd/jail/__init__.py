@@ -10,7 +10,9 @@ Processes (all forked, none exec'd except node):
       seccomp programs compiled once (seccomp.py). It never holds a client
       or listening socket: it is spawned with only its control socket.
   zygote ──fork──▶ data-science template (root, runtimes/template.py): the same,
-      with [python3] warm_modules imported; forks the data-science pools' keepers
+      in a mount namespace of its own where the python3 root also holds Debian's
+      numpy, pandas, matplotlib (JailSpec.profile_roots), with [python3]
+      warm_modules imported; forks the data-science pools' keepers
   zygote or template ──fork──▶ keeper (root, trusted, never runs user code)
       joins the egress network namespace if the worker is for runs with
       network (network.py); unshare(mount, pid, ipc, uts, and net for a
