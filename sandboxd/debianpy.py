@@ -18,6 +18,7 @@ import-time code runs as root in the data-science template before any user code.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import subprocess
@@ -149,10 +150,30 @@ def root_entries(profile: str) -> list[RootEntry]:
     for path in paths:
         for parent, _, files in os.walk(path):  # nothing for a file
             modules.extend(os.path.join(parent, name) for name in files if ".so" in name)
-    libraries = {
-        # The directory resolved, the name kept: the loader looks libraries up by it.
-        os.path.join(os.path.realpath(os.path.dirname(lib)), os.path.basename(lib))
-        for lib in rootfs.shared_libraries(modules)
-    }
-    outside = sorted(lib for lib in libraries if not lib.startswith(DIST_PACKAGES + "/"))
+    outside = sorted(
+        lib for lib in _linked(_versions(modules)) if not lib.startswith(DIST_PACKAGES + "/")
+    )
     return entries + [RootEntry(lib, "file") for lib in outside]
+
+
+def _versions(paths: Iterable[str]) -> tuple[tuple[str, int, int], ...]:
+    """Each path that exists with its mtime and size: what _linked's cache is keyed by."""
+    found = []
+    for path in sorted(set(paths)):
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        found.append((path, st.st_mtime_ns, st.st_size))
+    return tuple(found)
+
+
+@functools.lru_cache(maxsize=4)
+def _linked(modules: tuple[tuple[str, int, int], ...]) -> frozenset[str]:
+    """The host libraries the extension modules link, their directory resolved and the
+    name kept (the loader looks them up by it). ldd of some hundred modules takes
+    seconds (minutes under emulation), so a reload with unchanged files reuses it."""
+    return frozenset(
+        os.path.join(os.path.realpath(os.path.dirname(lib)), os.path.basename(lib))
+        for lib in rootfs.shared_libraries(path for path, _, _ in modules)
+    )
