@@ -5,10 +5,12 @@ VENV := .venv
 # Debian packages the daemon, its jail and its tests use from the host
 # (python3-jinja2/-requests/-httpx: the jail's offline defaults; squid: the proxy
 # tests; haproxy: tests/integration/test_haproxy.py; python3-yaml: the alert rules
-# test; groff-base: the man page test).
+# test; groff-base: the man page test; python3-numpy/-pandas/-matplotlib: the
+# data-science jail's offline defaults).
 APT_PACKAGES := python3-venv python3-pip python3-seccomp python3-pystemd libseccomp2 \
 	bubblewrap nodejs ca-certificates tzdata nftables iproute2 \
-	python3-jinja2 python3-requests python3-httpx squid haproxy python3-yaml groff-base
+	python3-jinja2 python3-requests python3-httpx squid haproxy python3-yaml groff-base \
+	python3-numpy python3-pandas python3-matplotlib
 CONFIG ?= etc/sandboxd/sandboxd.toml
 # Where `make run` keeps its state (dependency environments) in a dev checkout.
 DEV_STATE := $(CURDIR)/var/state

@@ -104,7 +104,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "--workloads",
         type=_names,
         help="keys: py-hello,py-loop5ms,py-dify,node-hello,node-dify (default all of those); "
-        "py-numpy,py-pandas,py-plot need --state-dir of an environment holding them",
+        "py-numpy,py-pandas,py-plot need numpy, pandas and matplotlib: Debian's packages "
+        "(apt) or --state-dir of a synced environment, which shadows them",
     )
     parser.add_argument(
         "--baselines", action=argparse.BooleanOptionalAction, default=True,
@@ -289,12 +290,10 @@ async def _baseline_workload(
         return [unavailable(baseline.name, workload.title, c, reason) for c in args.clients]
     env = BASELINE_ENV
     if workload.science:
-        site = science.site_packages(args.state_dir)
-        reason = "n/a (no environment in the state dir)" if site is None else ""
         if baseline.name != "python3 -c":
             reason = "n/a (binds no jail environment)"
-        if reason or site is None:
             return [unavailable(baseline.name, workload.title, c, reason) for c in args.clients]
+        site = science.site_packages(args.state_dir)
         env = science.baseline_env(site, tempfile.mkdtemp(prefix="sandboxd-bench-mpl-"))
     warm = baseline_run(baseline, workload, env)
     for _ in range(min(args.warmup, 2)):

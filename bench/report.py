@@ -109,6 +109,14 @@ def _cpu_target(cells: list[Cell]) -> Target:
     return Target("python3 hello CPU per run", "<= 4 ms", f"{best:.2f} ms", best <= 4)
 
 
+# The data-science workloads' p50 targets (DESIGN.md), judged when they ran.
+SCIENCE_TARGETS_MS = {
+    "python3 numpy": 5.0,
+    "python3 pandas DataFrame": 15.0,
+    "python3 plot as PNG": 60.0,
+}
+
+
 def targets(
     cells: list[Cell],
     rss_kib: int | None,
@@ -139,6 +147,10 @@ def targets(
         _loop_target(cells, loop_ms),
         _ratio_target("nodejs hello throughput", 1.5, found, "nodejs hello", "node -e"),
     ]
+    for workload, limit in SCIENCE_TARGETS_MS.items():
+        if ours := _ours(cells, workload):
+            name = f"{workload} p50, 1 client"
+            result.append(_at_most(name, limit, "ms", lambda c: c.p50_ms, ours))
     if rss_kib is None:
         result.append(Target("idle daemon RSS", "<= 60 MB", "not measured", None))
     else:

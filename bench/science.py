@@ -19,15 +19,19 @@ def site_packages(state_dir: str | None) -> str | None:
     return deps.live_python_site_packages(state_dir or Config().server.state_dir)
 
 
-def baseline_env(site: str, cache_dir: str) -> dict[str, str]:
-    """`python3 -c` with the jail's packages and the jail's thread and backend settings;
-    a lasting matplotlib cache, so the baseline does not rebuild its font list per run."""
-    return {**BASELINE_ENV, **ENVIRONMENT, "PYTHONPATH": site, "MPLCONFIGDIR": cache_dir}
+def baseline_env(site: str | None, cache_dir: str) -> dict[str, str]:
+    """`python3 -c` with the jail's packages (the synced environment `site` ahead of
+    Debian's, as in the jail; Debian's alone when None) and the jail's thread and
+    backend settings; a lasting matplotlib cache, so the baseline does not rebuild
+    its font list per run."""
+    path = {"PYTHONPATH": site} if site is not None else {}
+    return {**BASELINE_ENV, **ENVIRONMENT, **path, "MPLCONFIGDIR": cache_dir}
 
 
-def zygote_child(parent_pid: int) -> int | None:
-    """The child of parent_pid running sandboxd.zygote: the daemon's zygote, or the
-    zygote's data-science template (a fork of it, so the same command line)."""
+def _children(parent_pid: int) -> list[int]:
+    """The pids whose parent is parent_pid and whose command runs sandboxd.zygote (the
+    zygote, the data-science template and the keepers are forks of it: the same one)."""
+    found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -37,17 +41,20 @@ def zygote_child(parent_pid: int) -> int | None:
         except (OSError, IndexError):
             continue
         if parent == str(parent_pid) and b"sandboxd.zygote" in command:
-            return int(entry.name)
-    return None
+            found.append(int(entry.name))
+    return found
 
 
 def template_rss_kib(daemon_pid: int) -> tuple[int | None, int | None]:
-    """VmRSS of the plain zygote and of the data-science template (None: not found)."""
-    zygote = zygote_child(daemon_pid)
-    if zygote is None:
+    """VmRSS of the plain zygote and of the data-science template (None: not found).
+    The zygote's children are the template and the plain pools' keepers; the template
+    is the one whose children (its keepers) have children (their workers)."""
+    zygotes = _children(daemon_pid)
+    if not zygotes:
         return None, None
-    template = zygote_child(zygote)
-    return rss_kib(zygote), rss_kib(template) if template is not None else None
+    zygote = zygotes[0]
+    templates = [pid for pid in _children(zygote) if any(map(_children, _children(pid)))]
+    return rss_kib(zygote), rss_kib(templates[0]) if templates else None
 
 
 async def charged_bytes(socket: str, workload: Workload) -> int | None:

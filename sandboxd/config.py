@@ -126,8 +126,13 @@ class PythonConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     enable_preload: bool = False
     # System calls added to the python3 seccomp allow-list, by name (ALLOWED_SYSCALLS).
     extra_syscalls: list[str] = msgspec.field(default_factory=list)
-    # Modules (comma-separated) the zygote imports from the jail's environment before
-    # forking workers, each only when installed; matplotlib runs with the Agg backend.
+    # Modules (comma-separated) the data-science template imports before forking the
+    # data-science pools' workers (a run goes there when its code imports one of them),
+    # each only when the jail can import it: Debian's python3-numpy, -pandas and
+    # -matplotlib (the .deb recommends them; bound into those pools' jail only) or the
+    # synced environment, whose versions shadow Debian's. None installed: no such pool.
+    # Their import-time code runs as root before any user code: the admin chose them.
+    # matplotlib runs with the Agg backend.
     warm_modules: str = "numpy,pandas,matplotlib.pyplot"
 
 

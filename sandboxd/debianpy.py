@@ -5,15 +5,20 @@ daemon asks dpkg which of them are installed, follows their python3-*
 dependencies, and binds read-only into the jail only what those packages own
 directly under /usr/lib/python3/dist-packages (module directories, single-file
 modules, their .egg-info/.dist-info), at the same path, plus the shared
-libraries their extension modules link. The rest of dist-packages (the
+libraries their extension modules link, the profile's data paths (DATA) and the
+targets of the symlinks in all of these. The rest of dist-packages (the
 daemon's own pystemd, seccomp, ...) does not exist in the jail.
 
-The synced environment (`sandboxd deps sync`) comes first on sys.path, so a
-newer version installed there shadows Debian's.
+The "python3" profile is in every python3 jail; the "science" profile only in the
+data-science pools' (runtimes/template.py). The synced environment (`sandboxd deps
+sync`) comes first on sys.path, so a newer version installed there shadows Debian's.
+Trust: the admin chose these packages by installing them; the science profile's
+import-time code runs as root in the data-science template before any user code.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import subprocess
@@ -28,6 +33,19 @@ PROFILES: dict[str, tuple[str, ...]] = {
     # What Dify's templates and users' code nodes import: jinja2 (the jinja2
     # language), requests and httpx (HTTP calls through the proxy).
     "python3": ("python3-jinja2", "python3-requests", "python3-httpx"),
+    # The data-science pools' warm modules ([python3] warm_modules): numpy links
+    # libblas3/liblapack3 (OpenBLAS), matplotlib pulls in python3-pil and its image
+    # libraries; all found by dpkg and ldd, none listed here.
+    "science": ("python3-numpy", "python3-pandas", "python3-matplotlib"),
+}
+
+# Profile -> host paths outside dist-packages its packages read at run time, bound
+# when they exist.
+DATA: dict[str, tuple[str, ...]] = {
+    # python-matplotlib-data: mpl-data (fonts, style sheets, the default
+    # matplotlibrc), and /etc/matplotlibrc, the admin's, which Debian's matplotlib
+    # reads first.
+    "science": ("/usr/share/matplotlib", "/etc/matplotlibrc"),
 }
 
 _DEPENDENCY = re.compile(r"^\s*([a-z0-9][a-z0-9.+-]*)")
@@ -98,19 +116,64 @@ def owned_top_level(packages: Iterable[str]) -> list[str]:
     return [path for path in paths if os.path.lexists(path) and not os.path.islink(path)]
 
 
+def link_targets(paths: Iterable[str]) -> list[str]:
+    """What the symlinks in and below `paths` point to, outside `paths`: the target
+    of each link (its directory resolved, at the path the link names), when it exists."""
+    roots = [os.path.realpath(path) for path in paths]
+
+    def inside(path: str) -> bool:
+        return any(path == root or path.startswith(root + "/") for root in roots)
+
+    targets = set()
+    for path in paths:
+        links = [path] if os.path.islink(path) else []
+        for parent, dirs, files in os.walk(path):  # nothing for a file
+            links.extend(os.path.join(parent, name) for name in dirs + files)
+        for link in filter(os.path.islink, links):
+            named = os.path.join(os.path.dirname(link), os.readlink(link))
+            target = os.path.join(os.path.realpath(os.path.dirname(named)), os.path.basename(named))
+            if os.path.exists(target) and not inside(os.path.realpath(target)):
+                targets.add(target)
+    return sorted(targets)
+
+
 def root_entries(profile: str) -> list[RootEntry]:
-    """What a profile's jail root needs for its Debian packages: their top-level paths
-    and the host libraries their extension modules link."""
+    """What a profile's jail root needs for its Debian packages: their top-level paths,
+    its data paths, the targets of the links in them, and the host libraries their
+    extension modules link."""
     paths = owned_top_level(installed_closure(PROFILES.get(profile, ())))
+    if paths:
+        paths += [path for path in DATA.get(profile, ()) if os.path.exists(path)]
+    paths += link_targets(paths)
     entries = [RootEntry(path, "dir" if os.path.isdir(path) else "file") for path in paths]
     modules = [path for path in paths if path.endswith(".so")]
     for path in paths:
         for parent, _, files in os.walk(path):  # nothing for a file
             modules.extend(os.path.join(parent, name) for name in files if ".so" in name)
-    libraries = {
-        # The directory resolved, the name kept: the loader looks libraries up by it.
-        os.path.join(os.path.realpath(os.path.dirname(lib)), os.path.basename(lib))
-        for lib in rootfs.shared_libraries(modules)
-    }
-    outside = sorted(lib for lib in libraries if not lib.startswith(DIST_PACKAGES + "/"))
+    outside = sorted(
+        lib for lib in _linked(_versions(modules)) if not lib.startswith(DIST_PACKAGES + "/")
+    )
     return entries + [RootEntry(lib, "file") for lib in outside]
+
+
+def _versions(paths: Iterable[str]) -> tuple[tuple[str, int, int], ...]:
+    """Each path that exists with its mtime and size: what _linked's cache is keyed by."""
+    found = []
+    for path in sorted(set(paths)):
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        found.append((path, st.st_mtime_ns, st.st_size))
+    return tuple(found)
+
+
+@functools.lru_cache(maxsize=4)
+def _linked(modules: tuple[tuple[str, int, int], ...]) -> frozenset[str]:
+    """The host libraries the extension modules link, their directory resolved and the
+    name kept (the loader looks them up by it). ldd of some hundred modules takes
+    seconds (minutes under emulation), so a reload with unchanged files reuses it."""
+    return frozenset(
+        os.path.join(os.path.realpath(os.path.dirname(lib)), os.path.basename(lib))
+        for lib in rootfs.shared_libraries(path for path, _, _ in modules)
+    )

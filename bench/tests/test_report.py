@@ -117,3 +117,14 @@ def test_targets_judge_cpu_per_run_and_the_ratios_to_the_baselines() -> None:
     assert found["python3 hello throughput"].met is True  # 400 runs/s against 100
     assert found["python3 hello, 4 clients"].met is True
     assert found["nodejs hello throughput"].met is None
+
+
+def test_science_targets_are_judged_only_when_their_workloads_ran() -> None:
+    numpy = replace(_cell("sandboxd", 4.0, 50), workload="python3 numpy")
+    plot = replace(_cell("sandboxd", 75.0, 50), workload="python3 plot as PNG")
+    found = {t.name: t for t in targets([numpy, plot], None)}
+    assert found["python3 numpy p50, 1 client"].met is True
+    assert found["python3 plot as PNG p50, 1 client"].met is False
+    assert found["python3 plot as PNG p50, 1 client"].limit == "<= 60 ms"
+    assert "python3 pandas DataFrame p50, 1 client" not in found
+    assert not any("numpy" in t.name for t in targets([_cell("sandboxd", 1.0, 10)], None))

@@ -17,6 +17,7 @@ import os
 import stat
 import sys
 from collections.abc import Mapping
+from importlib.machinery import PathFinder
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -54,14 +55,48 @@ def warm_modules(config: Config) -> list[str]:
     return [m.strip() for m in config.python3.warm_modules.split(",") if m.strip()]
 
 
+def installed(modules: list[str], site: str | None, packaged: list[str]) -> list[str]:
+    """The `modules` whose top-level package a data-science jail can import: from the
+    synced environment (host directory `site`) or among Debian's bound top-level paths
+    (`packaged`, e.g. .../dist-packages/numpy); none means no data-science pool."""
+    bound = {os.path.basename(path).split(".")[0] for path in packaged}
+
+    def found(top: str) -> bool:
+        synced = site is not None and PathFinder.find_spec(top, [site]) is not None
+        return synced or top in bound
+
+    return [name for name in modules if found(name.split(".")[0])]
+
+
 def jail(config: Config, built: Mapping[str, RuntimeJail]) -> RuntimeJail | None:
-    """The python3 jail with the warm modules imported in a template of its own; not
-    served without warm modules or without a dependency environment to import them from."""
+    """The python3 jail plus Debian's numpy, pandas and matplotlib (debianpy's "science"
+    profile, bound into this runtime's root only), with the warm modules imported in a
+    template of its own; not served when none of the warm modules is installed (bound
+    or in the synced environment, whose versions come first on sys.path)."""
+    from sandboxd import debianpy
+
     python = built.get("python3")
-    modules = warm_modules(config)
-    if python is None or python.environment is None or not modules:
+    if python is None:
         return None
-    return msgspec.structs.replace(python, warm_modules=modules, template=True)
+    science = [e for e in debianpy.root_entries(profiles.SCIENCE) if e not in python.entries]
+    prefix = debianpy.DIST_PACKAGES + "/"
+    packaged = [*python.packaged, *(e.path for e in science if e.path.startswith(prefix))]
+    modules = installed(warm_modules(config), python.environment, packaged)
+    if not modules:
+        return None
+    # Debian's dist-packages last: behind the synced environment, present even when
+    # the python3 profile binds nothing of it.
+    path = [p for p in python.path if p != debianpy.DIST_PACKAGES]
+    if packaged:
+        path.append(debianpy.DIST_PACKAGES)
+    return msgspec.structs.replace(
+        python,
+        entries=[*python.entries, *science],
+        path=path,
+        packaged=packaged,
+        warm_modules=modules,
+        template=True,
+    )
 
 
 def _claims(sources: tuple[str, ...], jail: RuntimeJail) -> bool:

@@ -3,11 +3,13 @@ data-science runtime's: [python3] warm_modules), which forks that runtime's work
 
 The zygote stays plain (the stdlib only): a 100 MB template makes every fork and
 every worker exit slower, which plain runs should not pay. The template is forked
-from the zygote after its preparation, so it shares the zygote's mount namespace,
-root templates and seccomp programs; it imports the modules from the jail's own
-environment (never the daemon's venv), exposed at the path the jail sees it, runs
-the WARM_UP table, and then serves spawn orders that the zygote relays to it over
-a seqpacket socket, answering with the worker's fds the zygote passes on.
+from the zygote after its preparation, so it holds the zygote's root templates
+(among them its runtime's own: for data science, the python3 root plus Debian's
+numpy, pandas and matplotlib) and seccomp programs. In a mount namespace of its own
+it imports the modules chrooted into its runtime's root, so they are loaded from
+where a worker finds them (the synced environment first, then Debian's), runs the
+WARM_UP table, and then serves spawn orders that the zygote relays to it over a
+seqpacket socket, answering with the worker's fds the zygote passes on.
 
 Trust: the admin chose these packages, so their import-time code runs as root in
 the template before any user code, like the zygote's own. No caller-supplied code
@@ -21,16 +23,14 @@ from __future__ import annotations
 import array
 import gc
 import os
-import shutil
 import signal
 import socket
 import sys
-import tempfile
 from typing import TYPE_CHECKING, NoReturn
 
 from sandboxd import control
 from sandboxd.control import SpawnFailed
-from sandboxd.jail import RuntimeJail, libc
+from sandboxd.jail import contain, libc
 from sandboxd.runtimes.datascience import ENVIRONMENT
 
 if TYPE_CHECKING:
@@ -75,80 +75,70 @@ def reseed_after_fork() -> None:
             os.register_at_fork(after_in_child=lambda code=code: exec(code, {}))
 
 
-def prepare(runtime: RuntimeJail, scratch: str) -> list[str]:
-    """Expose the jail's environment (if any), then import the warm modules; problems
-    as lines."""
-    site = runtime.environment
-    targets = [e.target for e in runtime.entries if e.path == site and e.target]
+def prepare(zygote: Zygote, name: str) -> list[str]:
+    """In a mount namespace of the template's own, import the warm modules of runtime
+    `name` chrooted into its root (built by the zygote), so they are loaded from where
+    a worker finds them (the synced environment first, then Debian's); problems as
+    lines."""
+    runtime = zygote.spec.runtimes[name]
     if not runtime.warm_modules:
         return []
-    if site is not None and targets:
-        try:
-            expose(site, targets[0], scratch)
-        except OSError as exc:
-            return [f"environment not exposed in the zygote, nothing warmed: {exc}"]
-    return warm(runtime.path, runtime.warm_modules)
+    libc.unshare(libc.CLONE_NEWNS)
+    libc.mount("none", "/", None, libc.MS_REC | libc.MS_PRIVATE)
+    root = contain.root_of(zygote.spec, zygote.spec.root_name(name))
+    return warm(root, runtime.path, runtime.warm_modules)
 
 
-def expose(source: str, target: str, scratch: str) -> None:
-    """In the zygote's own mount namespace, show host directory `source` at `target`,
-    the path where the jail sees it, so warm modules carry the jail's paths (__file__,
-    matplotlib's data and font paths). A missing target is made in an overlay on its
-    nearest existing ancestor, upper layer on a tmpfs at `scratch`: the host's
-    filesystem is not written."""
-    if not os.path.isdir(target):
-        anchor = os.path.dirname(target)
-        while not os.path.isdir(anchor):
-            anchor = os.path.dirname(anchor)
-        if anchor == "/":
-            raise OSError(f"no directory to lay an overlay on for {target}")
-        os.makedirs(scratch, mode=0o700, exist_ok=True)
-        libc.mount("tmpfs", scratch, "tmpfs", libc.MS_NOSUID | libc.MS_NODEV, "mode=0700")
-        for layer in ("upper", "work"):
-            os.mkdir(os.path.join(scratch, layer))
-        options = f"lowerdir={anchor},upperdir={scratch}/upper,workdir={scratch}/work"
-        libc.mount("overlay", anchor, "overlay", 0, options)
-        os.makedirs(target)
-    libc.mount(source, target, None, libc.MS_BIND | libc.MS_REC)
-
-
-def warm(python_path: list[str], modules: list[str]) -> list[str]:
-    """Import `modules` in the zygote with the jail's sys.path only (expose() put the
-    environment at its jail path); returns one line per module that failed to import
-    (modules that are not installed are skipped silently)."""
-    if not modules:
-        return []
+def warm(root: str, python_path: list[str], modules: list[str]) -> list[str]:
+    """Import `modules` chrooted into the jail root `root`, with the jail's sys.path
+    and environment and a scratch tmpfs on its /tmp (matplotlib's caches), then come
+    back out; one line per module that failed to import (modules that are not
+    installed are skipped silently) or per thread or fd they left behind."""
     saved_path = sys.path[:]
     saved_env = dict(os.environ)
-    cache = tempfile.mkdtemp(prefix="sandboxd-warm-")
+    fds = set(os.listdir("/proc/self/fd"))
+    libc.mount("sandboxd-warm", root + "/tmp", "tmpfs", libc.MS_NOSUID | libc.MS_NODEV, "mode=0700")
+    outside = os.open("/", os.O_RDONLY | os.O_DIRECTORY)
+    here = os.open(".", os.O_RDONLY | os.O_DIRECTORY)
     os.environ.update(ENVIRONMENT)
-    os.environ["MPLCONFIGDIR"] = cache
     sys.path[:] = python_path
     sys.path_importer_cache.clear()
-    problems: list[str] = []
-    fds = set(os.listdir("/proc/self/fd"))
     try:
-        for name in modules:
-            try:
-                __import__(name)
-                exec(WARM_UP.get(name, ""), {})
-            except ModuleNotFoundError as exc:
-                if exc.name is None or name.split(".")[0] != exc.name.split(".")[0]:
-                    problems.append(f"{name}: {exc}")
-            except Exception as exc:
-                problems.append(f"{name}: {exc!r}")
+        os.chroot(root)
+        os.chdir("/tmp")
+        problems = _import(modules)
     finally:
+        # Back to the zygote's root: root may leave a chroot through a directory fd.
+        os.fchdir(outside)
+        os.chroot(".")
+        os.fchdir(here)
+        os.close(outside)
+        os.close(here)
+        libc.umount2(root + "/tmp", libc.MNT_DETACH)
         sys.path[:] = saved_path
         sys.path_importer_cache.clear()
         os.environ.clear()
         os.environ.update(saved_env)
-        shutil.rmtree(cache, ignore_errors=True)
     threads = len(os.listdir("/proc/self/task"))
     if threads != 1:
         problems.append(f"the warm modules left {threads} threads in the zygote")
     left_open = set(os.listdir("/proc/self/fd")) - fds
     if left_open:
         problems.append(f"the warm modules left fds {sorted(left_open)} open in the zygote")
+    return problems
+
+
+def _import(modules: list[str]) -> list[str]:
+    problems: list[str] = []
+    for name in modules:
+        try:
+            __import__(name)
+            exec(WARM_UP.get(name, ""), {})
+        except ModuleNotFoundError as exc:
+            if exc.name is None or name.split(".")[0] != exc.name.split(".")[0]:
+                problems.append(f"{name}: {exc}")
+        except Exception as exc:
+            problems.append(f"{name}: {exc!r}")
     return problems
 
 
@@ -171,8 +161,7 @@ def _serve(zygote: Zygote, name: str, sock: socket.socket) -> NoReturn:
         for other in zygote.templates.values():  # the templates forked before this one
             other.close()
         zygote.templates = {}
-        scratch = os.path.join(zygote.spec.runtime_dir, f"warm-overlay-{name}")
-        for problem in prepare(zygote.spec.runtimes[name], scratch):
+        for problem in prepare(zygote, name):
             print(f"sandboxd template: warm modules: {problem}", file=sys.stderr)
         reseed_after_fork()
         gc.freeze()

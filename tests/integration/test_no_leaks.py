@@ -13,7 +13,8 @@ from tests.integration.conftest import Daemon, start_daemon, stop_daemon
 
 RUNS = 10_000
 CLIENTS = 4
-POOL = "[python3]\npool_size = 2\n[nodejs]\npool_size = 1\n"
+# No data-science pool (Debian's numpy on the host would start one): only plain runs here.
+POOL = '[python3]\npool_size = 2\nwarm_modules = ""\n[nodejs]\npool_size = 1\n'
 
 
 def _runs(daemon: Daemon, count: int) -> int:

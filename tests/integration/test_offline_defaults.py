@@ -1,5 +1,7 @@
 """Offline defaults: Debian's jinja2, requests and httpx in the jail with nothing synced,
-and nothing else of the host's dist-packages."""
+and nothing else of the host's dist-packages; Debian's numpy, pandas and matplotlib in
+the data-science pools only, which start only when their warm modules are installed.
+(tests/integration/test_datascience.py runs the data-science tests on Debian's alone.)"""
 
 from __future__ import annotations
 
@@ -50,6 +52,11 @@ def test_debian_packages_are_installed_on_this_host() -> None:
     assert set(debianpy.PROFILES["python3"]) <= set(closure), "apt install them (make apt)"
 
 
+def test_debian_science_packages_are_installed_on_this_host() -> None:
+    closure = debianpy.installed_closure(debianpy.PROFILES["science"])
+    assert set(debianpy.PROFILES["science"]) <= set(closure), "apt install them (make apt)"
+
+
 def test_jinja2_requests_httpx_import_with_an_empty_state_dir(unsynced: Daemon) -> None:
     files = _files(unsynced.run(WHERE_FROM))
     for name in DEFAULT_IMPORTS:
@@ -88,3 +95,54 @@ def test_a_synced_environment_comes_first(daemon: Daemon) -> None:
     files = _files(daemon.run(WHERE_FROM))
     for name in DEFAULT_IMPORTS:
         assert files[name].startswith(f"/opt/sandboxd/python/{name}/"), files
+
+
+SCIENCE_IMPORTS = ("numpy", "pandas", "matplotlib", "PIL", "scipy")
+
+
+def test_science_packages_are_not_in_a_plain_jail(unsynced: Daemon) -> None:
+    # Names the import scan cannot see, so the run goes to the plain pool, whose root
+    # holds the python3 profile alone; Debian's numpy is bound into data-science roots.
+    probe = (
+        "import importlib, os, sys\n"
+        f"names = {SCIENCE_IMPORTS!r}\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in names))\n"
+        "for name in names:\n"
+        "    try:\n"
+        "        importlib.import_module(name)\n"
+        "        print('MARKER', name)\n"
+        "    except ImportError:\n"
+        "        pass\n"
+        "print(os.path.exists('/usr/share/matplotlib'))\n"
+    )
+    answer = unsynced.run(probe)
+    assert answer["status"] == "ok", answer
+    assert "MARKER" not in answer["stdout"]
+    assert answer["stdout"] == "[]\nFalse\n"
+    unsynced.assert_healthy()
+
+
+def test_the_science_pool_starts_on_debians_packages_alone(unsynced: Daemon) -> None:
+    unsynced.wait_for_log("sandboxd ready:")
+    [ready] = [line for line in unsynced.log_path.read_text().splitlines() if "ready:" in line]
+    assert "python3+science" in ready, ready
+    answer = unsynced.run("import numpy\nprint(numpy.__file__)")
+    assert answer["stdout"] == f"{debianpy.DIST_PACKAGES}/numpy/__init__.py\n", answer
+
+
+def test_no_science_pool_when_no_warm_module_is_installed(tmp_path: Path) -> None:
+    state = tmp_path / "empty-state"
+    state.mkdir()
+    config = '[python3]\npool_size = 1\nwarm_modules = "sandboxd_no_such_module"\n'
+    running = start_daemon(tmp_path, config, state_dir=str(state))
+    try:
+        running.wait_for_log("sandboxd ready:")
+        log = running.log_path.read_text()
+        [ready] = [line for line in log.splitlines() if "ready:" in line]
+        assert "+science" not in ready, ready
+        assert "template" not in log, log
+        answer = running.run("import sandboxd_no_such_module")
+        assert answer["status"] == "error" and "ModuleNotFoundError" in answer["stderr"]
+        running.assert_healthy()
+    finally:
+        stop_daemon(running)

@@ -3,8 +3,9 @@
 # payload disk (which also holds the .deb, load.py and checks.env). Each check
 # is a function; `check GROUP FUNCTION` runs it and reports one line to
 # the host: PASS/FAIL NAME SECONDS [detail]. Groups: base (package and
-# sockets, no daemon needed), daemon (runs, limits, operation), collusion (two
-# attacker runs at once on this guest's kernel; needs base), faults (kill -9
+# sockets, no daemon needed), daemon (runs, limits, operation), science (Debian's
+# numpy, pandas and matplotlib after the offline install; needs base), collusion
+# (two attacker runs at once on this guest's kernel; needs base), faults (kill -9
 # of the zygote and of the service), purge.
 set -u
 export DEBIAN_FRONTEND=noninteractive LC_ALL=C.UTF-8
@@ -124,7 +125,9 @@ security_exposure() {
 
 first_request_starts_the_service() {
     local out
-    out=$(sandboxd run -c 'print(1)') || return 1
+    # Bounded like the service's own start (TimeoutStartSec): under emulation the
+    # start, the data-science template's imports included, took 167 s.
+    out=$(timeout 300 /usr/bin/sandboxd run -c 'print(1)') || return 1
     expect "stdout" "$out" 1 || return 1
     expect sandboxd.service "$(systemctl is-active sandboxd.service)" active
 }
@@ -169,6 +172,46 @@ offline_defaults_import() {
     out=$(run_json python3 'import jinja2, requests, httpx; print(jinja2.Template("{{ n }}").render(n=42), jinja2.__file__)' --timeout 60) || return 1
     expect status "$(field "$out" status)" ok || return 1
     expect stdout "$(field "$out" stdout)" "42 /usr/lib/python3/dist-packages/jinja2/__init__.py"
+}
+
+# --- science: Debian's numpy, pandas, matplotlib, installed offline as Recommends ---
+
+# native_http_run CODE: POST /v1/run (the native request over HTTP); prints the result.
+native_http_run() {
+    local body
+    body=$(python3 -c 'import json, sys; print(json.dumps({"language": "python3", "code": sys.argv[1], "timeout": 60}))' "$1")
+    curl -sS --max-time 180 --fail-with-body -H "X-Api-Key: $API_KEY" -H 'Content-Type: application/json' \
+        --data-binary "$body" http://127.0.0.1:8194/v1/run
+}
+
+science_packages_came_with_the_deb() {
+    local package
+    # Started here too when the daemon group is not selected; ready once every pool
+    # (the data-science template's included) is warm.
+    timeout 300 systemctl start sandboxd.service || return 1
+    for package in python3-numpy python3-pandas python3-matplotlib; do
+        expect "$package" "$(dpkg-query -W -f='${db:Status-Abbrev}' "$package" 2>&1)" "ii " || return 1
+    done
+}
+
+# An unmodified Dify request: the import scan sends it to the warm data-science pool.
+pandas_over_dify_http() {
+    expect stdout "$(dify_run python3 $'import pandas as pd\nframe = pd.DataFrame({"k": ["a", "b", "a"], "v": [1, 2, 3]})\nprint(frame)\nprint(frame.groupby("k")["v"].sum().to_dict(), pd.__version__, pd.__file__)')" \
+        $'   k  v\n0  a  1\n1  b  2\n2  a  3\n{\'a\': 4, \'b\': 2} 1.5.3 /usr/lib/python3/dist-packages/pandas/__init__.py'
+}
+
+# The open figure comes back in `images`: a PNG of the figure's size in pixels.
+plot_over_native_http() {
+    local out
+    out=$(native_http_run $'import matplotlib.pyplot as plt\nplt.figure(figsize=(4, 3), dpi=100)\nplt.plot([1, 3, 2])\nplt.title("guest")\nprint("drawn")') || return 1
+    expect status "$(field "$out" status)" ok || return 1
+    expect stdout "$(field "$out" stdout)" drawn || return 1
+    expect image "$(python3 -c '
+import base64, json, struct, sys
+[image] = json.loads(sys.argv[1])["images"]
+data = base64.b64decode(image["base64"])
+assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR", data[:16]
+print(image["mime"], *struct.unpack(">II", data[16:24]))' "$out" 2>&1)" "image/png 400 300"
 }
 
 nodejs_over_http() {
@@ -680,6 +723,9 @@ check daemon python_over_http
 check daemon nodejs_over_http
 check daemon offline_defaults_import
 check daemon http_requires_the_api_key
+check science science_packages_came_with_the_deb
+check science pandas_over_dify_http
+check science plot_over_native_http
 check collusion runs_share_no_abstract_socket
 check collusion runs_share_no_port
 check collusion network_runs_share_no_socket_or_port

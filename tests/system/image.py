@@ -33,6 +33,7 @@ PACKAGES = (
     "python3", "python3-seccomp", "python3-pystemd", "libseccomp2", "libsystemd0",
     "adduser", "iproute2", "nftables", "nodejs", "python3-pip",
     "python3-jinja2", "python3-requests", "python3-httpx",
+    "python3-numpy", "python3-pandas", "python3-matplotlib",
     # the proxied check runs its own squid (the packaged service is masked below)
     "squid",
     # the checks: HTTP client, ps/pkill, runuser (util-linux is already essential)

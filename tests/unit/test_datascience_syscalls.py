@@ -5,8 +5,10 @@ Catalogue: `strace -f` of /usr/bin/python3 running a broad data-science script (
 with OPENBLAS_NUM_THREADS=1 and =4, numpy.linalg in four threads, pandas to_csv,
 read_csv and groupby, a matplotlib figure with text and mathtext saved as PNG to a
 buffer and a file, a first font-cache build, sched_getaffinity and cpu_count) with
-numpy 2, pandas 2 and matplotlib 3 from PyPI, union of both thread settings. The
-same script runs jailed, 50 at a time, in tests/integration/test_datascience.py.
+numpy 2, pandas 2 and matplotlib 3 from PyPI, union of both thread settings; then
+the same with Debian 12's numpy 1.24, pandas 1.5.3 and matplotlib 3.6.3 (and Pillow's
+Image.open of the PNG), which added getcwd and getpid. The same kind of run goes
+jailed, 50 at a time, on both in tests/integration/test_datascience.py.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ MEASURED = (
     "clone",
     # statx: newer glibc and Python stat through it; OpenBLAS reads the CPU count
     "statx", "sched_yield",
+    # also seen with Debian's builds (the interpreter's start-up, BLAS thread start)
+    "getcwd", "getpid",
 )  # fmt: skip
 
 

@@ -1,10 +1,14 @@
-"""The import scan that sends a python3 job to the plain or the data-science pool."""
+"""The import scan that sends a python3 job to the plain or the data-science pool, and
+which warm modules make a data-science pool at all (datascience.installed)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
 from sandboxd import profiles
+from sandboxd.runtimes import datascience
 
 WARM = ["numpy", "pandas", "matplotlib.pyplot"]
 
@@ -54,3 +58,19 @@ def test_hostile_input_is_scanned_in_one_pass() -> None:
     many = "import " + ",".join(["os"] * 100_000) + ", numpy"
     assert profiles.choose(("", nested), WARM) == profiles.PLAIN
     assert profiles.choose(("", many), WARM) == profiles.SCIENCE
+
+
+def test_warm_modules_count_only_when_the_jail_can_import_them(tmp_path: Path) -> None:
+    (tmp_path / "pandas").mkdir()
+    (tmp_path / "pandas" / "__init__.py").write_text("")
+    (tmp_path / "single.py").write_text("")
+    packaged = ["/usr/lib/python3/dist-packages/numpy", "/usr/lib/python3/dist-packages/six.py"]
+    modules = ["numpy", "pandas", "matplotlib.pyplot", "single", "six", "scipy"]
+    assert datascience.installed(modules, str(tmp_path), packaged) == [
+        "numpy",
+        "pandas",
+        "single",
+        "six",
+    ]
+    assert datascience.installed(modules, None, []) == []
+    assert datascience.installed(WARM, None, packaged) == ["numpy"]
