@@ -44,7 +44,7 @@ def table(monkeypatch: pytest.MonkeyPatch) -> list[Runtime]:
 
 
 def config(tmp_path: Path) -> Config:
-    """No dependency environment (an empty state dir): the data-science runtime is off."""
+    """No dependency environment (an empty state dir)."""
     return Config(server=ServerConfig(state_dir=str(tmp_path)), python3=PythonConfig(pool_size=8))
 
 
@@ -67,8 +67,20 @@ def test_the_spec_holds_every_served_runtime_with_its_records_policy(tmp_path: P
     assert (python.runner, python.seccomp_policy, python.root) == ("python3", "python3", "")
     assert "json" in python.warm_modules and not python.template
     assert python.environment is None
-    assert "science" not in spec.runtimes and "science" not in unavailable  # quietly off
     assert ("nodejs" in spec.runtimes) != ("nodejs" in unavailable)
+    # No synced environment: the data-science runtime comes from Debian's packages,
+    # which CI installs (Makefile APT_PACKAGES), in a root of its own.
+    science = spec.runtimes["science"]
+    assert science.template and science.warm_modules == ["numpy", "pandas", "matplotlib.pyplot"]
+    assert spec.root_name("science") == "science"
+    assert "/usr/lib/python3/dist-packages/numpy" in science.packaged
+    assert "/usr/lib/python3/dist-packages/numpy" not in python.packaged
+
+
+def test_the_data_science_runtime_is_quietly_off_without_warm_modules(tmp_path: Path) -> None:
+    quiet = Config(server=ServerConfig(state_dir=str(tmp_path)), python3=PythonConfig(warm_modules=""))
+    spec, unavailable = build_spec(quiet, cgroups_in_force=False)
+    assert "science" not in spec.runtimes and "science" not in unavailable
 
 
 def test_a_registered_profile_shares_the_python3_root_and_gets_its_own_pool(
