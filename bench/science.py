@@ -3,6 +3,7 @@ the memory one run is charged (its cgroup's peak, as the daemon reports it)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from bench.client import Connection, RequestTemplate
@@ -12,6 +13,7 @@ from bench.workloads import Workload
 from sandboxd import deps
 from sandboxd.config import Config
 from sandboxd.runtimes.datascience import ENVIRONMENT
+from sandboxd.runtimes.template import COMM
 
 
 def site_packages(state_dir: str | None) -> str | None:
@@ -25,28 +27,38 @@ def baseline_env(site: str, cache_dir: str) -> dict[str, str]:
     return {**BASELINE_ENV, **ENVIRONMENT, "PYTHONPATH": site, "MPLCONFIGDIR": cache_dir}
 
 
-def zygote_child(parent_pid: int) -> int | None:
-    """The child of parent_pid running sandboxd.zygote: the daemon's zygote, or the
-    zygote's data-science template (a fork of it, so the same command line)."""
-    for entry in Path("/proc").iterdir():
+def zygote_and_template(daemon_pid: int) -> tuple[int | None, int | None]:
+    """The daemon's newest zygote and data-science template: children of the daemon in
+    its own pid namespace (its workers have their own) running sandboxd.zygote, the
+    template named template.COMM."""
+    zygote = template = None
+    try:
+        pid_ns = os.readlink(f"/proc/{daemon_pid}/ns/pid")
+    except OSError:
+        return None, None
+    for entry in sorted(Path("/proc").iterdir(), key=lambda e: e.name.zfill(12)):
         if not entry.name.isdigit():
             continue
         try:
             parent = (entry / "stat").read_text().rsplit(")", 1)[1].split()[1]
             command = (entry / "cmdline").read_bytes()
+            same_ns = os.readlink(entry / "ns" / "pid") == pid_ns
+            comm = (entry / "comm").read_text().strip()
         except (OSError, IndexError):
             continue
-        if parent == str(parent_pid) and b"sandboxd.zygote" in command:
-            return int(entry.name)
-    return None
+        if parent == str(daemon_pid) and same_ns and b"sandboxd.zygote" in command:
+            if comm == COMM:
+                template = int(entry.name)
+            else:
+                zygote = int(entry.name)
+    return zygote, template
 
 
 def template_rss_kib(daemon_pid: int) -> tuple[int | None, int | None]:
     """VmRSS of the plain zygote and of the data-science template (None: not found)."""
-    zygote = zygote_child(daemon_pid)
+    zygote, template = zygote_and_template(daemon_pid)
     if zygote is None:
         return None, None
-    template = zygote_child(zygote)
     return rss_kib(zygote), rss_kib(template) if template is not None else None
 
 

@@ -1,7 +1,7 @@
 """Per-run cgroups: limits the kernel enforces and verdicts the kernel reports.
 
 Each worker gets a leaf cgroup of its own while it is pre-forked (off the request
-path); the keeper writes the worker into it before the worker prepares its jail,
+path); the zygote writes the worker into it before the worker prepares its jail,
 so every process of the run is counted. After the run the daemon reads the
 kernel's counters (OOM kills, pids.max hits, CPU, peak memory) and removes it.
 
@@ -218,7 +218,7 @@ class UnifiedBackend:
 class LegacyCgroup:
     """Each v1 directory costs a mkdir and an rmdir per run (a fraction of a millisecond
     each, measured), so only memory and pids always; cpu only for a quota. CPU time comes
-    from the keeper's rusage (Usage.cpu_usec is None)."""
+    from the daemon's wait4 rusage (Usage.cpu_usec is None)."""
 
     def __init__(self, parent: str, name: str, limits: Limits) -> None:
         self.memory = f"{V1_ROOT}/memory/{parent}/{name}"
@@ -262,7 +262,7 @@ class LegacyCgroup:
         )
 
     def kill_all(self) -> bool:
-        # Every process of the run is in the pids hierarchy (the keeper put it there).
+        # Every process of the run is in the pids hierarchy (the zygote put it there).
         return kill_members(self.pids)
 
     def remove(self) -> None:
@@ -288,8 +288,8 @@ class LegacyBackend:
             _rmdir(f"{V1_ROOT}/{controller}/{self.parent}")
 
 
-# Seconds a dead daemon's processes get to leave its cgroups (its keepers kill their
-# workers when the daemon's sockets hang up; the zygote exits on the same hang-up).
+# Seconds a dead daemon's processes get to leave its cgroups (its workers die with it,
+# by their parent-death signal; the zygote exits when its control socket hangs up).
 STALE_GRACE = 5.0
 
 

@@ -1,7 +1,7 @@
 """The python3 runtime: a forked zygote child runs one job as `__main__` and exits.
 
 User code shares this interpreter and can rewrite anything in it, so nothing
-here reports an outcome: the exit status is read by the keeper with wait4.
+here reports an outcome: the exit status is read by the daemon with wait4.
 
 User code sees only its own modules (DESIGN.md invariant 16): the zygote ran without
 site (zygote.command), prepare() sets sys.path to the jail's (the stdlib and the

@@ -36,6 +36,9 @@ from sandboxd.runtimes.datascience import ENVIRONMENT
 if TYPE_CHECKING:
     from sandboxd.zygote import Zygote
 
+# The template's process name (/proc/PID/comm); its zygote keeps the interpreter's.
+COMM = "sandboxd-tmpl"
+
 # Run in the zygote right after a warm module is imported, so that what the library
 # does lazily on first use (matplotlib's first draw and font loading, pandas'
 # groupby and CSV machinery) is done once instead of in every run. Ours, trusted like
@@ -158,7 +161,8 @@ def start(zygote: Zygote) -> socket.socket | None:
     if "python3" not in spec.roots:
         return None
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    pid = os.fork()
+    # A child of the daemon, like the workers it clones (zygote.py): the daemon reaps it.
+    pid, zygote.template_pidfd = libc.clone(libc.CLONE_PARENT | libc.CLONE_PIDFD)
     if pid == 0:
         ours.close()
         _serve(zygote, theirs)
@@ -169,6 +173,9 @@ def start(zygote: Zygote) -> socket.socket | None:
 def _serve(zygote: Zygote, sock: socket.socket) -> NoReturn:
     try:
         libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
+        # Told apart from its zygote by name: both are the daemon's children (start()).
+        with open("/proc/self/comm", "w") as comm:
+            comm.write(COMM)
         zygote.sock.close()
         zygote.sock = sock
         scratch = os.path.join(zygote.spec.runtime_dir, "warm-overlay")
@@ -188,7 +195,9 @@ def relay(template: socket.socket, packet: bytes, daemon: socket.socket, worker_
     fds: list[int] = []
     try:
         template.send(packet)
-        reply, ancdata, _, _ = template.recvmsg(control.MAX_PACKET, socket.CMSG_SPACE(4 * 4))
+        reply, ancdata, _, _ = template.recvmsg(
+            control.MAX_PACKET, socket.CMSG_SPACE(4 * control.SPAWNED_FDS)
+        )
     except OSError:
         reply, ancdata = b"", []
     for level, kind, data in ancdata:
