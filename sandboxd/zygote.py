@@ -144,6 +144,10 @@ class Zygote:
         site.setquit()
         site.setcopyright()
         site.sethelper()
+        # Each worker replaces sys.path and clears this cache (runtimes/python3.py):
+        # emptied here, the finders and their directory listings are not freed (and
+        # their pages copied on write) in every worker instead.
+        sys.path_importer_cache.clear()
         # Move every object the zygote made out of the collector's reach, so a worker's
         # garbage collections do not touch (and copy-on-write) the whole warm heap.
         gc.freeze()
