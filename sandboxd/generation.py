@@ -30,7 +30,7 @@ from sandboxd import control, profiles, zygote
 from sandboxd.config import Config, pool_sizes
 from sandboxd.control import SpawnFailed, SpawnOrder, ZygoteStart
 from sandboxd.jail import JailSpec
-from sandboxd.jail.cgroup import Backend, Limits, RunCgroup, remove_when_empty
+from sandboxd.jail.cgroup import Backend, Limits, RunCgroup, remove_if_empty, remove_when_empty
 from sandboxd.jail.identity import UidPool
 from sandboxd.jail.scope import Placement
 from sandboxd.metrics import Metrics
@@ -306,7 +306,9 @@ class Generation:
         # (a killed worker leaves the rest of its pid namespace to the kernel), else its
         # reaped exit.
         if worker.cgroup is not None:
-            free = await trio.to_thread.run_sync(remove_when_empty, worker.cgroup, VANISHED_GRACE)
+            free = remove_if_empty(worker.cgroup) or await trio.to_thread.run_sync(
+                remove_when_empty, worker.cgroup, VANISHED_GRACE
+            )
         else:
             free = worker.exited is not None
         if free:

@@ -10,9 +10,9 @@ by the generation) calls generation_died, and a new generation with the same spe
 is started without a reload, backing off while new ones keep failing. Workers are the
 daemon's children, not the zygote's (zygote.py clones them with CLONE_PARENT),
 so runs already on workers finish, and ready workers are retired (killed
-through their pidfds and reaped), which frees their uids and cgroups. Requests waiting meanwhile move to
-the new generation (serving_pool), or get `overloaded` when none is up before
-their deadline (dispatcher.py).
+through their pidfds and reaped), which frees their uids and cgroups. Requests
+waiting meanwhile move to the new generation (serving_pool), or get `overloaded`
+when none is up before their deadline (dispatcher.py).
 """
 
 from __future__ import annotations
