@@ -11,15 +11,15 @@ ever started, dead ones included. Around each cell the bench snapshots:
   and the run time of each other live process of the tree (schedstat, to the
   nanosecond: a zygote forks in well under a clock tick per run); those alive at
   both ends of a cell are the zygotes and templates;
-- each ready worker's and its keeper's run time (schedstat): the members of the leaf cgroups under
-  `pids/sandboxd.DAEMONPID/` (their parents are the keepers, which stay out of
-  those leaves);
+- each ready worker's run time (schedstat): the members of the leaf cgroups under
+  `pids/sandboxd.DAEMONPID/` (the zygote clones each worker as a child of the
+  daemon, so no other process stands between them);
 - the kernel threads' utime+stime (children of kthreadd): namespace teardown the
   kernel defers to workqueues (e.g. a network namespace's cleanup). That count is
   system-wide, so it holds other users' work too, and is shown beside the total,
   not in it.
 
-The runs' own `cpu_ms` (the keeper's wait4 rusage of the worker: its whole life,
+The runs' own `cpu_ms` (the daemon's wait4 rusage of the worker: its whole life,
 jail preparation, the job and its exit) is summed by the client. The roles per
 run are then:
 
@@ -29,9 +29,9 @@ run are then:
   over the cell;
 - worker running the job: the runs' `cpu_ms` less that mean (it includes the
   worker's exit and, with it, its pid namespace's and mounts' teardown);
-- keepers: what is left of the tree's count (each keeper's fork of its worker,
-  its wait and report, a worker's moments before its keeper moves it, and any
-  process that started or died within the cell, e.g. a restarted zygote).
+- other: what is left of the tree's count (any process that started or died
+  within the cell without being a run's worker, e.g. a restarted zygote, and
+  the gap between a worker's sampled and mean preparation).
 
 By construction the roles add up to the tree's count.
 """
@@ -72,7 +72,7 @@ def process_cpu_ns(pid: int) -> int:
 def live_threads_ns(pid: int) -> int:
     """The run time of a process's live threads to the nanosecond (schedstat), 0 if gone.
 
-    For young processes (a ready worker, its keeper), whose utime+stime in clock ticks
+    For young processes (a ready worker), whose utime+stime in clock ticks
     would mostly read 0; threads that already ended are not in it.
     """
     total = 0
@@ -123,7 +123,7 @@ class TreeCgroup:
 
     def remove(self, grace: float = 5.0) -> bool:
         """Once the daemon is gone: waits up to `grace` seconds for the last of its tree
-        (keepers kill their workers when the daemon hangs up) to leave; True when removed."""
+        (workers die with the daemon: their parent-death signal) to leave; True when removed."""
         deadline = time.monotonic() + grace
         while True:
             try:
@@ -140,16 +140,15 @@ class TreeCgroup:
 class Snapshot(msgspec.Struct, frozen=True):
     tree_ns: int
     daemon_ns: int
-    # Run time of each other live process of the tree (zygotes, templates, and keepers
-    # whose worker has just exited), by pid: only those alive at both ends of a cell
-    # count as the zygote role; the transient ones belong to the keepers' remainder.
+    # Run time of each other live process of the tree (zygotes, templates, and workers
+    # not yet in their cgroups), by pid: only those alive at both ends of a cell count
+    # as the zygote role; the transient ones belong to the remainder ("other").
     others: dict[int, int]
     ready_ns: int  # the ready workers together
     # The ready workers of the measured language only (node workers have exec'd node):
     # what one of its workers cost before its job is their mean.
     like_ns: int
     like_workers: int
-    like_keepers_ns: int  # their keepers together (so far: the fork of the worker)
     kernel_threads_ns: int  # system-wide
 
 
@@ -186,9 +185,7 @@ def take(tree: TreeCgroup, daemon_pid: int, node: bool) -> Snapshot:
     leaves = worker_leaves(daemon_pid)
     workers = {pid for leaf in leaves for pid in leaf}
     like = [leaf for leaf in leaves if (_comm(leaf[0]) == "node") == node]
-    like_keepers = {parent_of(leaf[0]) for leaf in like} - {None}
-    keepers = {parent for pid in workers if (parent := parent_of(pid)) not in workers}
-    others = set(tree.members()) - workers - keepers - {daemon_pid}
+    others = set(tree.members()) - workers - {daemon_pid}
     return Snapshot(
         tree_ns=tree.usage_ns(),
         daemon_ns=process_cpu_ns(daemon_pid),
@@ -196,7 +193,6 @@ def take(tree: TreeCgroup, daemon_pid: int, node: bool) -> Snapshot:
         ready_ns=_sum(live_threads_ns(pid) for pid in workers),
         like_ns=_sum(live_threads_ns(pid) for leaf in like for pid in leaf),
         like_workers=len(like),
-        like_keepers_ns=_sum(live_threads_ns(pid) for pid in like_keepers if pid is not None),
         kernel_threads_ns=_kernel_threads_ns(),
     )
 
@@ -206,7 +202,7 @@ def _sum(values: Iterable[int]) -> int:
 
 
 # The roles, in the order they are printed.
-ROLES = ("daemon", "zygote", "keeper", "worker before job", "worker job+exit")
+ROLES = ("daemon", "zygote", "worker before job", "worker job+exit", "other")
 
 
 class Breakdown(msgspec.Struct, frozen=True):
@@ -217,9 +213,6 @@ class Breakdown(msgspec.Struct, frozen=True):
     total_ms: float  # the tree cgroup's count per run
     kernel_threads_ms: float  # system-wide, per run; not in the total
     ready_workers: int  # workers the "before job" mean was taken over
-    # A keeper's own CPU until its worker is ready (mean over those workers' keepers):
-    # the measured part of the "keeper" role; the rest is its wait, report and exit.
-    keeper_ready_ms: float
 
 
 def breakdown(before: Snapshot, after: Snapshot, runs: int, runs_cpu_ms: float) -> Breakdown:
@@ -237,9 +230,9 @@ def breakdown(before: Snapshot, after: Snapshot, runs: int, runs_cpu_ms: float) 
     roles = {
         "daemon": daemon / per_run,
         "zygote": zygote / per_run,
-        "keeper": (tree - daemon - zygote - workers) / per_run,
         "worker before job": (workers - job) / per_run,
         "worker job+exit": job / per_run,
+        "other": (tree - daemon - zygote - workers) / per_run,
     }
     return Breakdown(
         runs=runs,
@@ -247,5 +240,4 @@ def breakdown(before: Snapshot, after: Snapshot, runs: int, runs_cpu_ms: float) 
         total_ms=tree / per_run,
         kernel_threads_ms=(after.kernel_threads_ns - before.kernel_threads_ns) / per_run,
         ready_workers=sampled.like_workers,
-        keeper_ready_ms=sampled.like_keepers_ns / 1e6 / max(1, sampled.like_workers),
     )

@@ -201,12 +201,11 @@ def cell_rows(cells: list[Cell]) -> list[str]:
 
 def cpu_rows(cells: list[Cell]) -> list[str]:
     """CPU per run by role (ms) for every cell that measured it; the roles add up to total."""
-    header = ["workload", "clients", *ROLES, "total", "kthreads*", "keeper until ready"]
+    header = ["workload", "clients", *ROLES, "total", "kthreads*"]
     rows = [
         [
             c.workload, str(c.clients), *(f"{c.cpu.roles[role]:.2f}" for role in ROLES),
             f"{c.cpu.total_ms:.2f}", f"{c.cpu.kernel_threads_ms:.2f}",
-            f"{c.cpu.keeper_ready_ms:.2f}",
         ]
         for c in cells
         if c.cpu is not None

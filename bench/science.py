@@ -3,6 +3,7 @@ the memory one run is charged (its cgroup's peak, as the daemon reports it)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from bench.client import Connection, RequestTemplate
@@ -12,6 +13,7 @@ from bench.workloads import Workload
 from sandboxd import deps
 from sandboxd.config import Config
 from sandboxd.runtimes.datascience import ENVIRONMENT
+from sandboxd.runtimes.template import COMM
 
 
 def site_packages(state_dir: str | None) -> str | None:
@@ -28,33 +30,39 @@ def baseline_env(site: str | None, cache_dir: str) -> dict[str, str]:
     return {**BASELINE_ENV, **ENVIRONMENT, **path, "MPLCONFIGDIR": cache_dir}
 
 
-def _children(parent_pid: int) -> list[int]:
-    """The pids whose parent is parent_pid and whose command runs sandboxd.zygote (the
-    zygote, the data-science template and the keepers are forks of it: the same one)."""
-    found = []
-    for entry in Path("/proc").iterdir():
+def zygote_and_template(daemon_pid: int) -> tuple[int | None, int | None]:
+    """The daemon's newest zygote and data-science template: children of the daemon in
+    its own pid namespace (its workers have their own) running sandboxd.zygote, the
+    template named template.COMM."""
+    zygote = template = None
+    try:
+        pid_ns = os.readlink(f"/proc/{daemon_pid}/ns/pid")
+    except OSError:
+        return None, None
+    for entry in sorted(Path("/proc").iterdir(), key=lambda e: e.name.zfill(12)):
         if not entry.name.isdigit():
             continue
         try:
             parent = (entry / "stat").read_text().rsplit(")", 1)[1].split()[1]
             command = (entry / "cmdline").read_bytes()
+            same_ns = os.readlink(entry / "ns" / "pid") == pid_ns
+            comm = (entry / "comm").read_text().strip()
         except (OSError, IndexError):
             continue
-        if parent == str(parent_pid) and b"sandboxd.zygote" in command:
-            found.append(int(entry.name))
-    return found
+        if parent == str(daemon_pid) and same_ns and b"sandboxd.zygote" in command:
+            if comm == COMM:
+                template = int(entry.name)
+            else:
+                zygote = int(entry.name)
+    return zygote, template
 
 
 def template_rss_kib(daemon_pid: int) -> tuple[int | None, int | None]:
-    """VmRSS of the plain zygote and of the data-science template (None: not found).
-    The zygote's children are the template and the plain pools' keepers; the template
-    is the one whose children (its keepers) have children (their workers)."""
-    zygotes = _children(daemon_pid)
-    if not zygotes:
+    """VmRSS of the plain zygote and of the data-science template (None: not found)."""
+    zygote, template = zygote_and_template(daemon_pid)
+    if zygote is None:
         return None, None
-    zygote = zygotes[0]
-    templates = [pid for pid in _children(zygote) if any(map(_children, _children(pid)))]
-    return rss_kib(zygote), rss_kib(templates[0]) if templates else None
+    return rss_kib(zygote), rss_kib(template) if template is not None else None
 
 
 async def charged_bytes(socket: str, workload: Workload) -> int | None:

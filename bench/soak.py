@@ -32,6 +32,7 @@ import trio
 
 from bench import daemon as daemons
 from bench.client import Answer
+from bench.science import zygote_and_template
 
 GOOD_CODE = "print({n})"
 SPIN = {"language": "python3", "code": "while True: pass", "timeout": 0.5}
@@ -171,16 +172,8 @@ class Soak:
         return found
 
     def _zygotes(self) -> list[int]:
-        found = []
-        for task in os.listdir(f"/proc/{self.daemon_pid}/task"):
-            children = Path(f"/proc/{self.daemon_pid}/task/{task}/children").read_text().split()
-            for child in children:
-                try:
-                    if b"sandboxd.zygote" in Path(f"/proc/{child}/cmdline").read_bytes():
-                        found.append(int(child))
-                except FileNotFoundError:
-                    continue
-        return found
+        zygote, _ = zygote_and_template(self.daemon_pid)
+        return [zygote] if zygote is not None else []
 
     def _kill(self, kind: str, pids: list[int], chooser: random.Random) -> None:
         if not pids:

@@ -1,9 +1,10 @@
-"""Messages between the daemon, the zygote and each worker's keeper (msgpack over
-SOCK_SEQPACKET, one message per packet), and the job header a worker reads from fd 0.
+"""Messages between the daemon and the zygote (msgpack over SOCK_SEQPACKET, one
+message per packet), and the job header a worker reads from fd 0.
 
 These cross a trust boundary only in one direction: the daemon trusts the zygote
-and the keepers (root, never run user code); the worker is trusted only until it
-reports ready, and after that the daemon reads nothing from it but stdout/stderr.
+(root, never runs user code); the worker is trusted only until it reports ready
+on its readiness pipe, and after that the daemon reads nothing from it but
+stdout/stderr.
 """
 
 from __future__ import annotations
@@ -28,9 +29,16 @@ class SpawnOrder(msgspec.Struct, frozen=True, tag=True):
 
 
 class Spawned(msgspec.Struct, frozen=True, tag=True):
-    """Sent with four fds: job write end, stdout read end, stderr read end, keeper socket."""
+    """Sent with SPAWNED_FDS fds: job write end, stdout read end, stderr read end,
+    readiness read end, and a pidfd of the worker (a child of the daemon)."""
 
     worker_id: int
+    # The worker's pid in the daemon's pid namespace (the daemon wait4s it).
+    pid: int
+
+
+# How many fds come with a Spawned.
+SPAWNED_FDS = 5
 
 
 class SpawnFailed(msgspec.Struct, frozen=True, tag=True):
@@ -38,14 +46,8 @@ class SpawnFailed(msgspec.Struct, frozen=True, tag=True):
     message: str
 
 
-class Ready(msgspec.Struct, frozen=True, tag=True):
-    """The worker is jailed and waits for its job."""
-
-    pid: int
-
-
-class Exited(msgspec.Struct, frozen=True, tag=True):
-    """The worker's wait status and rusage, from the keeper's wait4."""
+class Exited(msgspec.Struct, frozen=True):
+    """The worker's wait status and rusage, from the daemon's own wait4."""
 
     status: int
     utime: float
@@ -56,7 +58,6 @@ class Exited(msgspec.Struct, frozen=True, tag=True):
 
 
 ZygoteReply = Spawned | SpawnFailed
-KeeperMessage = Ready | Exited
 
 
 class JobHeader(msgspec.Struct, frozen=True):
@@ -77,12 +78,10 @@ class ZygoteStart(msgspec.Struct, frozen=True, tag=True):
     spec: JailSpec
 
 
-KILL = b"K"
 _LENGTH = struct.Struct(">I")
 
 encoder = msgspec.msgpack.Encoder()
 zygote_reply_decoder = msgspec.msgpack.Decoder(ZygoteReply)
-keeper_decoder = msgspec.msgpack.Decoder(KeeperMessage)
 order_decoder = msgspec.msgpack.Decoder(SpawnOrder | ZygoteStart)
 _header_decoder = msgspec.msgpack.Decoder(JobHeader)
 

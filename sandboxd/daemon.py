@@ -3,7 +3,7 @@ sockets, serve until a signal, stop gracefully.
 
 One nursery tree: serve() -> {accept loops, connections, pools, watchdog}.
 Stopping (SIGTERM/SIGINT): stop accepting, let in-flight runs finish up to
-[server] stop_timeout, then cancel the rest (workers are killed by their keepers).
+[server] stop_timeout, then cancel the rest (workers are killed through their pidfds).
 """
 
 from __future__ import annotations

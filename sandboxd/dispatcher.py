@@ -282,7 +282,7 @@ class Dispatcher:
                 with trio.CancelScope(shield=True):
                     await pool.generation.retire_worker(worker, pool)
                 raise
-            # The run is over (its keeper reaped it): answer now, tidy up after.
+            # The run is over (the daemon reaped it): answer now, tidy up after.
             self.start_soon(pool.generation.retire_worker, worker, pool)
         finally:
             if holding:

@@ -3,19 +3,22 @@
 Theory of operation
 -------------------
 The daemon talks to the zygote (zygote.py) over a seqpacket socket through a
-ZygoteHandle: each SpawnOrder comes back as four fds (job pipe, stdout, stderr,
-keeper socket) which become a WorkerHandle (worker.py). Generation.new_worker
+ZygoteHandle: each SpawnOrder comes back as five fds (job pipe, stdout, stderr,
+readiness pipe, and a pidfd of the worker, the daemon's own child) which become a
+WorkerHandle (worker.py). Generation.new_worker
 gives each worker a uid (jail/identity.UidPool) and a run cgroup, and
-Generation.retire_worker frees them: the uid only once the cgroup is empty (the
-keeper's report where there are no cgroups), when the worker's whole pid
+Generation.retire_worker frees them: the uid only once the cgroup is empty (its
+reaped exit where there are no cgroups), when the worker's whole pid
 namespace is gone. A generation whose zygote dies says so (Shared.on_death),
 and the Succession replaces it (succession.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import socket
 import subprocess
 from collections.abc import Callable, Iterator
@@ -27,7 +30,7 @@ from sandboxd import control, verdict, zygote
 from sandboxd.config import Config, pool_sizes
 from sandboxd.control import SpawnFailed, SpawnOrder, ZygoteStart
 from sandboxd.jail import JailSpec
-from sandboxd.jail.cgroup import Backend, RunCgroup, remove_when_empty
+from sandboxd.jail.cgroup import Backend, RunCgroup, remove_if_empty, remove_when_empty
 from sandboxd.jail.identity import UidPool
 from sandboxd.jail.scope import Placement
 from sandboxd.metrics import Metrics
@@ -71,14 +74,21 @@ class ZygoteHandle:
     def __init__(self, spec: JailSpec) -> None:
         self.spec = spec
         self._lock = trio.Lock()
-        self._process: trio.Process | None = None
+        self._process: subprocess.Popen[bytes] | None = None
+        self._pidfd = -1
+        # The templates' pidfds (runtimes/template.py): they are our children too.
+        self._template_pidfds: list[int] = []
         self._sock: trio.socket.SocketType | None = None
 
     async def start(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
         try:
-            self._process = await trio.lowlevel.open_process(
+            # Forked from this (the main) thread, not a worker thread as trio's
+            # open_process does: the workers it clones are children of the thread that
+            # forked it (CLONE_PARENT), and their parent-death signal fires when that
+            # thread ends, which must be when the daemon does.
+            self._process = subprocess.Popen(
                 zygote.command(theirs.fileno()),
                 pass_fds=(theirs.fileno(),),
                 stdin=subprocess.DEVNULL,
@@ -86,35 +96,42 @@ class ZygoteHandle:
             )
         finally:
             theirs.close()
+        self._pidfd = os.pidfd_open(self._process.pid)
         self._sock = trio.socket.from_stdlib_socket(ours)
         await self._sock.send(control.encoder.encode(ZygoteStart(self.spec)))
         with trio.fail_after(ZYGOTE_START_TIMEOUT):
-            answer = await self._sock.recv(16)
+            answer, fds = await self._receive(16)
+        self._template_pidfds = fds
         if answer != b"ready":
             raise RuntimeError("the zygote failed to start (see its messages above)")
 
-    async def spawn(self, order: SpawnOrder) -> list[int]:
-        """Order one worker; its four fds, or ProtocolError(internal) with the reason."""
+    async def _receive(self, size: int) -> tuple[bytes, list[int]]:
         assert self._sock is not None
-        async with self._lock:
-            await self._sock.send(control.encoder.encode(order))
-            packet, ancdata, _, _ = await self._sock.recvmsg(
-                control.MAX_PACKET, socket.CMSG_SPACE(4 * 4)
-            )
+        packet, ancdata, _, _ = await self._sock.recvmsg(
+            size, socket.CMSG_SPACE(4 * control.SPAWNED_FDS)
+        )
         fds: list[int] = []
         for level, kind, data in ancdata:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 fds.extend(memoryview(data).cast("i"))
+        return packet, fds
+
+    async def spawn(self, order: SpawnOrder) -> tuple[int, list[int]]:
+        """Order one worker; its pid and fds, or ProtocolError(internal) with the reason."""
+        assert self._sock is not None
+        async with self._lock:
+            await self._sock.send(control.encoder.encode(order))
+            packet, fds = await self._receive(control.MAX_PACKET)
         if not packet:
             raise ProtocolError("internal", "the zygote died")
         reply = control.zygote_reply_decoder.decode(packet)
-        if isinstance(reply, SpawnFailed):
+        if isinstance(reply, SpawnFailed) or len(fds) != control.SPAWNED_FDS:
             for fd in fds:
                 os.close(fd)
-            raise ProtocolError("internal", f"cannot fork a worker: {reply.message}")
-        if len(fds) != 4:
+            if isinstance(reply, SpawnFailed):
+                raise ProtocolError("internal", f"cannot fork a worker: {reply.message}")
             raise ProtocolError("internal", "the zygote sent a worker without its fds")
-        return fds
+        return reply.pid, fds
 
     @property
     def pid(self) -> int:
@@ -124,23 +141,38 @@ class ZygoteHandle:
     async def wait_exit(self) -> int:
         """Until the zygote process exits (its pidfd); its exit status."""
         assert self._process is not None, "start() first"
-        return await self._process.wait()
+        await trio.lowlevel.wait_readable(self._pidfd)
+        return self._process.wait()
 
     async def stop(self) -> None:
         if self._sock is not None:
             self._sock.close()
         if self._process is not None:
+            # Polled: _watch_zygote may still be waiting on the pidfd while it is cancelled.
             with trio.move_on_after(5):
-                await self._process.wait()
-            if self._process.returncode is None:
+                while self._process.poll() is None:
+                    await trio.sleep(0.01)
+            if self._process.poll() is None:
                 self._process.kill()
-                await self._process.wait()
+                await trio.to_thread.run_sync(self._process.wait)
+            os.close(self._pidfd)
+            self._pidfd = -1
+        for pidfd in self._template_pidfds:
+            # It leaves when its socket to the zygote hangs up.
+            with trio.move_on_after(5):
+                await trio.lowlevel.wait_readable(pidfd)
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            os.waitid(os.P_PIDFD, pidfd, os.WEXITED)
+            os.close(pidfd)
+        self._template_pidfds = []
 
 
 class Generation:
     """One zygote and its pools. A reload or a dependency switch starts a new generation
-    and retires the old one: its ready workers are closed at once, and its zygote (whose
-    death would kill its keepers and so their workers) lives until its last run is over."""
+    and retires the old one: its ready workers are closed at once, and its zygote lives
+    until its last run is over (its workers are the daemon's children, but a dead
+    zygote's generation is replaced: Shared.on_death)."""
 
     def __init__(self, shared: Shared, spec: JailSpec, config: Config, number: int) -> None:
         self.shared = shared
@@ -236,10 +268,11 @@ class Generation:
             order = SpawnOrder(
                 worker_id, runtime, uid, cgroup.procs_files if cgroup is not None else [], network
             )
-            fds = await self.zygote.spawn(order)
+            pid, fds = await self.zygote.spawn(order)
         except BaseException:
-            # A zygote that died mid-order may have forked the keeper already: its worker
-            # is killed when the keeper's socket hangs up; the uid waits for its cgroup.
+            # A zygote that died mid-order may have cloned the worker already: it exits
+            # when its go pipe hangs up, unjailed and before any code; the uid waits for
+            # its cgroup.
             with trio.CancelScope(shield=True):
                 free = cgroup is None or await trio.to_thread.run_sync(
                     remove_when_empty, cgroup, VANISHED_GRACE
@@ -248,10 +281,10 @@ class Generation:
                 self.shared.uids.release(uid)
             raise
         self.live_workers += 1
-        return WorkerHandle(worker_id, language, uid, fds, cgroup, self._worker_closed)
+        return WorkerHandle(worker_id, language, uid, pid, fds, cgroup, self._worker_closed)
 
     async def retire_worker(self, worker: WorkerHandle, pool: Pool | None = None) -> None:
-        """Close a worker whose keeper has reported its exit (or kill it first), then ask
+        """Close a worker that has exited and been reaped (or kill it first), then ask
         its pool (if any) for a replacement. Shielded: it must finish even at stop."""
         with trio.CancelScope(shield=True):
             await self._retire_worker(worker)
@@ -264,9 +297,12 @@ class Generation:
             with trio.move_on_after(10):
                 await worker.wait_exit()
         # The uid is free once no process of the run is left: its cgroup shows that
-        # (even when its keeper vanished and reported nothing), else the keeper's report.
+        # (a killed worker leaves the rest of its pid namespace to the kernel), else its
+        # reaped exit.
         if worker.cgroup is not None:
-            free = await trio.to_thread.run_sync(remove_when_empty, worker.cgroup, VANISHED_GRACE)
+            free = remove_if_empty(worker.cgroup) or await trio.to_thread.run_sync(
+                remove_when_empty, worker.cgroup, VANISHED_GRACE
+            )
         else:
             free = worker.exited is not None
         if free:

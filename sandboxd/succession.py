@@ -7,12 +7,12 @@ Succession.replace starts a new generation (generation.py) and, once it is warm,
 serves from it and retires the old one, whose runs in flight finish on it.
 Faults heal (Succession._heal): a generation whose zygote died (its pidfd, watched
 by the generation) calls generation_died, and a new generation with the same spec
-is started without a reload, backing off while new ones keep failing. Keepers do
-not die with the zygote (they answer to the daemon over their own sockets), so
-runs already on workers finish, and ready workers are retired through their
-keepers, which frees their uids and cgroups. Requests waiting meanwhile move to
-the new generation (serving_pool), or get `overloaded` when none is up before
-their deadline (dispatcher.py).
+is started without a reload, backing off while new ones keep failing. Workers are the
+daemon's children, not the zygote's (zygote.py clones them with CLONE_PARENT),
+so runs already on workers finish, and ready workers are retired (killed
+through their pidfds and reaped), which frees their uids and cgroups. Requests
+waiting meanwhile move to the new generation (serving_pool), or get `overloaded`
+when none is up before their deadline (dispatcher.py).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """What a request came to: the one place a run's status and message are decided.
 
 Every answer to a run is a protocol.RunResult built here, from what the daemon
-itself observed (Facts: the keeper's wait4 status and rusage, the kernel's cgroup
+itself observed (Facts: its own wait4 status and rusage, the kernel's cgroup
 counters, the captured output, whether the daemon killed the run), never from the
 worker's word. limits_of() derives the limits a run is held to (each with its own
 verdict below); three answers come from here:
@@ -91,7 +91,7 @@ class Facts:
     stderr: bytes
     # The daemon killed the run for going past the output cap.
     over_cap: bool
-    # The deadline passed before the keeper reported the exit.
+    # The deadline passed before the worker exited.
     timed_out: bool
     # The exit came in time, but the output pipes stayed open past the deadline.
     held_open: bool

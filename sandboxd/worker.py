@@ -1,10 +1,11 @@
 """The daemon's side of one worker: its fds, readiness, and running one job on it.
 
 The facts of a run are gathered only from what the daemon itself observed: the
-bytes read from the stdout/stderr pipes (capped), the keeper's wait4 status and
-rusage, whether the daemon killed it (timeout, output cap), and the kernel's
-cgroup counters; verdict.py judges them. Nothing the worker says after it got
-ready is believed.
+bytes read from the stdout/stderr pipes (capped), its own wait4 status and
+rusage of the worker (its child: the zygote clones it with CLONE_PARENT),
+whether the daemon killed it (timeout, output cap), and the kernel's cgroup
+counters; verdict.py judges them. Nothing the worker says after it got ready is
+believed.
 
 The answer is bounded by the deadline (DESIGN.md invariant 18): when the worker
 has exited, its whole pid namespace is gone and the pipes reach end-of-file at
@@ -16,15 +17,16 @@ feeding stdin and reading, and the run is a `timeout`.
 
 from __future__ import annotations
 
+import os
 import select
-import socket
+import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
 
 from sandboxd import artifacts, control, verdict
-from sandboxd.control import Exited, JobHeader, Ready
+from sandboxd.control import Exited, JobHeader
 from sandboxd.jail.cgroup import RunCgroup
 from sandboxd.jobs import Job
 from sandboxd.protocol import ProtocolError, RequestId, RunResult
@@ -50,18 +52,19 @@ class Output:
 
 
 class WorkerHandle:
-    """The daemon's handle on one jailed worker: its pipes and its keeper's socket."""
+    """The daemon's handle on one jailed worker, its child: its pipes and a pidfd."""
 
     def __init__(
         self,
         worker_id: int,
         language: str,
         uid: int,
+        pid: int,
         fds: list[int],
         cgroup: RunCgroup | None,
         on_close: Callable[[], None],
     ) -> None:
-        job_w, out_r, err_r, ctl = fds
+        job_w, out_r, err_r, self._ready_r, self._pidfd = fds
         self.worker_id = worker_id
         self.language = language
         self.uid = uid
@@ -69,49 +72,60 @@ class WorkerHandle:
         self._job = trio.lowlevel.FdStream(job_w)
         self._out = trio.lowlevel.FdStream(out_r)
         self._err = trio.lowlevel.FdStream(err_r)
-        self._ctl = trio.socket.from_stdlib_socket(
-            socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, fileno=ctl)
-        )
+        self._spawned_pid = pid
         self.exited: Exited | None = None
         # The worker's pid in the host's pid namespace, once it is ready.
         self.pid: int | None = None
         # Tells the worker's generation that one fewer of its workers is alive.
         self._on_close = on_close
 
-    async def _receive(self) -> Ready | Exited:
-        try:
-            packet = await self._ctl.recv(control.MAX_PACKET)
-        except OSError as error:  # ECONNRESET: the keeper was killed with a packet unread
-            raise ProtocolError("internal", "worker keeper vanished") from error
-        if not packet:
-            raise ProtocolError("internal", "worker keeper vanished")
-        message: Ready | Exited = control.keeper_decoder.decode(packet)
-        return message
+    async def _reap(self, setup_error: str = "") -> Exited:
+        """Until the worker has exited (its pidfd), then its wait4 status and rusage.
+        The daemon is its parent and has not reaped it, so its pid is still its own."""
+        while True:
+            await trio.lowlevel.wait_readable(self._pidfd)
+            pid, status, usage = os.wait4(self._spawned_pid, os.WNOHANG)
+            if pid:
+                break
+        self.exited = Exited(status, usage.ru_utime, usage.ru_stime, usage.ru_maxrss, setup_error)
+        return self.exited
 
     async def wait_ready(self) -> None:
         """Until the worker reports it is jailed; raises with the setup error otherwise."""
-        message = await self._receive()
-        if isinstance(message, Exited):
-            self.exited = message
-            raise ProtocolError("internal", f"worker setup failed: {message.setup_error}")
-        self.pid = message.pid
+        # Its write end is the worker's alone (the zygote closed its own after placing it),
+        # so a worker that died while preparing leaves its reason, or end-of-file.
+        await trio.lowlevel.wait_readable(self._ready_r)
+        message = os.read(self._ready_r, 4096)
+        os.close(self._ready_r)
+        self._ready_r = -1
+        if message == b"ok":
+            self.pid = self._spawned_pid
+            return
+        exited = await self._reap(message.decode(errors="replace"))
+        status = describe_status(exited.status)
+        reason = exited.setup_error or f"worker {status} before it was ready"
+        raise ProtocolError("internal", f"worker setup failed: {reason}")
 
     async def kill(self) -> None:
-        try:
-            await self._ctl.send(control.KILL)
-        except OSError:
-            pass  # keeper already gone: the worker died with it (parent-death signal)
+        if self.exited is None:
+            try:
+                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+            except ProcessLookupError:
+                pass  # exited already, not reaped yet
 
     def gone(self) -> bool:
-        """Whether a ready worker's keeper has spoken or hung up since (its worker died)."""
+        """Whether a ready worker has exited since (e.g. it was killed)."""
         poller = select.poll()
-        poller.register(self._ctl.fileno(), select.POLLIN)
+        poller.register(self._pidfd, select.POLLIN)
         return bool(poller.poll(0))
 
     async def close(self) -> None:
         for stream in (self._job, self._out, self._err):
             await stream.aclose()
-        self._ctl.close()
+        for fd in (self._ready_r, self._pidfd):
+            if fd >= 0:
+                os.close(fd)
+        self._ready_r = self._pidfd = -1
         self._on_close()
 
     async def _feed(self, payload: bytes) -> None:
@@ -161,12 +175,12 @@ class WorkerHandle:
             nursery.start_soon(self._feed, payload)
             nursery.start_soon(self._drain_all, output, drained)
             with trio.move_on_at(deadline):
-                self.exited = await self._wait_exit()
+                await self._reap()
             if self.exited is None:
                 timed_out = True
                 await self.kill()
                 with trio.fail_after(KILL_GRACE):
-                    self.exited = await self._wait_exit()
+                    await self._reap()
             # What the run wrote before it exited is in the pipes already: read it
             # all, however late a killed worker was reaped.
             with trio.move_on_at(max(deadline, trio.current_time()) + OUTPUT_GRACE):
@@ -198,18 +212,18 @@ class WorkerHandle:
             nursery.start_soon(self._drain, self._err, output.stderr, output)
         drained.set()
 
-    async def _wait_exit(self) -> Exited:
-        message = await self._receive()
-        if isinstance(message, Ready):
-            raise ProtocolError("internal", "worker reported ready twice")
-        return message
-
     async def wait_exit(self) -> None:
-        """Until the keeper reports the exit (a worker retired without a run); never raises."""
+        """Until the worker has exited and is reaped (a worker retired without a run)."""
+        if self.exited is None:
+            await self._reap()
+
+
+def describe_status(status: int) -> str:
+    """A wait status in words, naming a seccomp kill (e.g. a runtime's start-up needs)."""
+    if os.WIFSIGNALED(status):
+        signum = os.WTERMSIG(status)
         try:
-            while self.exited is None:
-                message = await self._receive()
-                if isinstance(message, Exited):
-                    self.exited = message
-        except ProtocolError:
-            pass  # keeper gone: the worker went with it (parent-death signal)
+            return f"was killed by signal {signum} ({signal.Signals(signum).name})"
+        except ValueError:
+            return f"was killed by signal {signum}"
+    return f"exited with status {os.WEXITSTATUS(status)}"

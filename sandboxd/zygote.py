@@ -5,10 +5,12 @@ daemon's venv (.pth hooks, site-packages) is imported or on sys.path beyond the 
 of BOOTSTRAP_PACKAGES, and each worker drops those before user code runs
 (runtimes/python3.py). It gets exactly one fd besides 0-2: a SOCK_SEQPACKET control
 socket, whose number is the only argument. The first packet is ZygoteStart with
-the JailSpec; then each SpawnOrder gets a Spawned (with the worker's fds) or a SpawnFailed. See
-sandboxd/jail/__init__.py for the process tree. All it knows of a runtime is data in the
-JailSpec (JailSpec.runtimes: root entries, warm modules, seccomp policy, the runner
-module), so it imports no registry and no dependency machinery.
+the JailSpec, answered by "ready" (with a pidfd of each template, if any: like the
+workers they are children of the daemon); then each SpawnOrder gets a Spawned (with
+the worker's fds) or a SpawnFailed. See sandboxd/jail/__init__.py for the process
+tree. All it knows of a runtime is data in the JailSpec (JailSpec.runtimes: root
+entries, warm modules, seccomp policy, the runner module), so it imports no registry
+and no dependency machinery.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import array
 import gc
 import importlib.util
 import os
-import select
 import signal
 import site
 import socket
@@ -27,7 +28,7 @@ from typing import NoReturn
 import msgspec
 
 from sandboxd import control, runtimes
-from sandboxd.control import Exited, Ready, Spawned, SpawnFailed, SpawnOrder, ZygoteStart
+from sandboxd.control import Spawned, SpawnFailed, SpawnOrder, ZygoteStart
 from sandboxd.jail import (
     JailSpec,
     contain,
@@ -81,6 +82,8 @@ class Zygote:
         self.egress_fd: int | None = None
         # Runtime name -> its template's socket (none in a template itself).
         self.templates: dict[str, socket.socket] = {}
+        # Pidfds of the templates, for the daemon (their parent).
+        self.template_pidfds: list[int] = []
 
     def prepare(self) -> None:
         # Opened before the zygote leaves the host's network namespace.
@@ -106,8 +109,10 @@ class Zygote:
         site.setquit()
         site.setcopyright()
         site.sethelper()
-        # Keepers are reaped by the kernel; each keeper resets this for its own child.
-        signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+        # Each worker replaces sys.path and clears this cache (runtimes/python3.py):
+        # emptied here, the finders and their directory listings are not freed (and
+        # their pages copied on write) in every worker instead.
+        sys.path_importer_cache.clear()
         # Move every object the zygote made out of the collector's reach, so a worker's
         # garbage collections do not touch (and copy-on-write) the whole warm heap.
         gc.freeze()
@@ -133,143 +138,68 @@ class Zygote:
                     self.spawn(order)
 
     def spawn(self, order: SpawnOrder) -> None:
+        """Clone the worker straight into its new namespaces, as pid 1 of its own pid
+        namespace and a child of the daemon (CLONE_PARENT), which waits for it itself
+        (worker.py): no process stands between them, and a zygote that dies leaves the
+        runs in flight alone. Put it into its cgroups, then let it jail itself."""
         job_r, job_w = os.pipe()
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        go_r, go_w = os.pipe()
+        ready_r, ready_w = os.pipe()
+        daemon_ends = [job_w, out_r, err_r, ready_r]
+        worker_ends = (job_r, out_w, err_w)
+        flags = libc.CLONE_PARENT | libc.CLONE_PIDFD | namespaces.worker_namespaces(order.network)
         try:
-            pid = os.fork()
+            pid, pidfd = libc.clone(flags)
         except OSError as exc:
-            for fd in (job_r, job_w, out_r, out_w, err_r, err_w):
+            for fd in (*daemon_ends, *worker_ends, go_r, go_w, ready_w):
                 os.close(fd)
-            ours.close()
-            theirs.close()
             self.sock.send(control.encoder.encode(SpawnFailed(order.worker_id, str(exc))))
             return
         if pid == 0:
-            self.sock.close()
-            for relay_to in self.templates.values():
-                relay_to.close()
-            ours.close()
-            for fd in (job_w, out_r, err_r):
-                os.close(fd)
-            Keeper(self, order, theirs, (job_r, out_w, err_w)).run()
-        for fd in (job_r, out_w, err_w):
+            try:
+                # go_w first: a zygote that dies now hangs up the worker's go pipe.
+                for fd in (go_w, *daemon_ends):
+                    os.close(fd)
+                _enter_jail(self, order, worker_ends, go_r, ready_w)
+            finally:
+                os._exit(contain.SETUP_FAILED_EXIT)
+        for fd in (*worker_ends, go_r):
             os.close(fd)
-        theirs.close()
-        fds = array.array("i", [job_w, out_r, err_r, ours.fileno()])
-        reply = control.encoder.encode(Spawned(order.worker_id))
-        self.sock.sendmsg([reply], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
-        for fd in (job_w, out_r, err_r):
-            os.close(fd)
-        ours.close()
-
-
-class Keeper:
-    """Root, trusted: forks the worker into new namespaces, waits for it, reports."""
-
-    def __init__(
-        self, zygote: Zygote, order: SpawnOrder, sock: socket.socket, stdio: tuple[int, int, int]
-    ) -> None:
-        self.zygote = zygote
-        self.order = order
-        self.sock = sock
-        self.stdio = stdio
-
-    def run(self) -> NoReturn:
         try:
-            self._run()
-        except BaseException as exc:
-            print(f"sandboxd keeper: {exc!r}", file=sys.stderr)
-        os._exit(0)
-
-    def _send(self, message: Ready | Exited) -> None:
-        try:
-            self.sock.send(control.encoder.encode(message))
-        except OSError:
-            pass  # the daemon went away; the worker is killed below or already dead
-
-    def _run(self) -> None:
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        # No parent-death signal: a keeper outlives a zygote that crashed, so the run on
-        # its worker finishes and its exit report frees the uid and cgroup. It answers to
-        # the daemon alone: when the daemon goes, its socket hangs up and it kills the worker.
-        if self.order.network:
-            if self.zygote.egress_fd is None:
-                raise RuntimeError("a network worker was ordered but there is no egress namespace")
-            libc.setns(self.zygote.egress_fd, libc.CLONE_NEWNET)
-        namespaces.isolate_worker(self.order.network)
-        go_r, go_w = os.pipe()
-        ready_r, ready_w = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            os.close(go_w)
-            os.close(ready_r)
-            _enter_jail(self.zygote, self.order, self.stdio, go_r, ready_w)
-        os.close(go_r)
-        os.close(ready_w)
-        for fd in self.stdio:
-            os.close(fd)
-        setup_error = ""
-        try:
-            for path in self.order.cgroup_procs:
+            for path in order.cgroup_procs:
                 with open(path, "w") as procs:
                     procs.write(str(pid))
             os.write(go_w, b"g")
         except OSError as exc:
-            setup_error = f"cgroup: {exc}"
-            os.kill(pid, signal.SIGKILL)
+            # Said on its readiness pipe, where the daemon looks for why it did not start.
+            os.write(ready_w, f"cgroup: {exc}".encode())
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
         os.close(go_w)
-        pidfd = os.pidfd_open(pid)
-        poller = select.poll()
-        poller.register(pidfd, select.POLLIN)
-        poller.register(ready_r, select.POLLIN)
-        poller.register(self.sock, select.POLLIN)
-        ready = False
-        report_pending = True
-        while True:
-            for fd, events in poller.poll():
-                if fd == ready_r or (fd == pidfd and report_pending):
-                    # A worker that died while preparing still left its reason in the
-                    # pipe (its write end is closed now, so this read cannot block).
-                    message = os.read(ready_r, 4096)
-                    poller.unregister(ready_r)
-                    report_pending = False
-                    if message == b"ok":
-                        ready = True
-                        self._send(Ready(pid))
-                    else:
-                        setup_error = message.decode(errors="replace")
-                if fd == pidfd:
-                    _, status, usage = os.wait4(pid, 0)
-                    if not ready and not setup_error:
-                        setup_error = f"worker {describe_status(status)} before it was ready"
-                    self._send(
-                        Exited(status, usage.ru_utime, usage.ru_stime, usage.ru_maxrss, setup_error)
-                    )
-                    return
-                if fd == self.sock.fileno():
-                    request = self.sock.recv(16) if events & select.POLLIN else b""
-                    if request != control.KILL:
-                        poller.unregister(self.sock)  # hang-up: the daemon is gone
-                    os.kill(pid, signal.SIGKILL)
-
-
-def describe_status(status: int) -> str:
-    """A wait status in words, naming a seccomp kill (e.g. a runtime's start-up needs)."""
-    if os.WIFSIGNALED(status):
-        signum = os.WTERMSIG(status)
+        os.close(ready_w)
+        fds = array.array("i", [*daemon_ends, pidfd])
+        reply = control.encoder.encode(Spawned(order.worker_id, pid))
         try:
-            return f"was killed by signal {signum} ({signal.Signals(signum).name})"
-        except ValueError:
-            return f"was killed by signal {signum}"
-    return f"exited with status {os.WEXITSTATUS(status)}"
+            self.sock.sendmsg([reply], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+        finally:
+            for fd in fds:
+                os.close(fd)
 
 
 def _enter_jail(
     zygote: Zygote, order: SpawnOrder, stdio: tuple[int, int, int], go_r: int, ready_w: int
 ) -> NoReturn:
     """Pid 1 of the new namespaces: jail itself (jail/contain.py), run one job."""
+    try:
+        if order.network:
+            # Instead of a network namespace of its own (worker_namespaces left it out).
+            if zygote.egress_fd is None:
+                raise RuntimeError("a network worker was ordered but there is no egress namespace")
+            libc.setns(zygote.egress_fd, libc.CLONE_NEWNET)
+    except BaseException as exc:
+        os.write(ready_w, f"network: {exc}".encode())
+        os._exit(contain.SETUP_FAILED_EXIT)
     # Only runs with network get the proxy's variables.
     spec = zygote.spec if order.network else msgspec.structs.replace(zygote.spec, proxy_env={})
     runtime = spec.runtimes[order.runtime]
@@ -297,7 +227,12 @@ def main() -> NoReturn:
     os.setpriority(os.PRIO_PROCESS, 0, 0)
     zygote = Zygote(sock, start.spec)
     zygote.prepare()
-    sock.send(b"ready")
+    # The templates are the daemon's children (runtimes/template.py): their pidfds go there.
+    pidfds = zygote.template_pidfds
+    rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", pidfds))] if pidfds else []
+    sock.sendmsg([b"ready"], rights)
+    for fd in pidfds:
+        os.close(fd)
     zygote.serve()
 
 

@@ -53,7 +53,6 @@ def test_bench_against_a_real_daemon_splits_its_cpu_into_every_role(tmp_path: Pa
         for role in ("daemon", "zygote", "worker before job", "worker job+exit"):
             assert split["roles"][role] > 0, (cell["workload"], role, split)
         assert split["ready_workers"] > 0
-        assert split["keeper_ready_ms"] > 0
     assert [cost["name"] for cost in report["floor"]] == [name for name, *_ in OPERATIONS]
     assert all(cost["cpu_ms"] > 0 and cost["wall_ms"] > 0 for cost in report["floor"])
 
@@ -89,7 +88,6 @@ def _snapshots(draw: st.DrawFn) -> Snapshot:
         ready_ns=draw(_counts),
         like_ns=draw(_counts),
         like_workers=draw(st.integers(min_value=0, max_value=64)),
-        like_keepers_ns=draw(_counts),
         kernel_threads_ns=draw(_counts),
     )
 

@@ -107,7 +107,6 @@ def test_targets_judge_cpu_per_run_and_the_ratios_to_the_baselines() -> None:
         total_ms=4.5,
         kernel_threads_ms=0.0,
         ready_workers=2,
-        keeper_ready_ms=0.5,
     )
     ours = replace(_cell("sandboxd", 2.0, 400, clients=4), cpu=split)
     plain = _cell("python3 -c", 8.0, 100, clients=4)

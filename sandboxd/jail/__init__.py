@@ -9,32 +9,32 @@ Processes (all forked, none exec'd except node):
       (rootfs.py) and an empty network namespace (namespaces.py);
       seccomp programs compiled once (seccomp.py). It never holds a client
       or listening socket: it is spawned with only its control socket.
-  zygote ──fork──▶ template (root, runtimes/template.py), one per runtime whose warm
+  zygote ──clone──▶ template (root, runtimes/template.py), one per runtime whose warm
       modules are imported apart (the data-science one: [python3] warm_modules);
-      the same otherwise; forks that runtime's keepers
-  zygote or template ──fork──▶ keeper (root, trusted, never runs user code)
-      joins the egress network namespace if the worker is for runs with
-      network (network.py); unshare(mount, pid, ipc, uts, and net for a
-      worker without network: its own); forks the worker,
-      moves it into its cgroup (cgroup.py, scope.py), waits for it and
-      reports its exit status and rusage. It answers to the daemon alone
-      (no parent-death signal): it outlives a zygote that dies, and kills
-      its worker when the daemon's end of its socket hangs up.
-  keeper ──fork──▶ worker (pid 1 of its own pid namespace)
-      enters the jail in this order, failing closed at any step:
+      the same otherwise; clones that runtime's workers
+  zygote or template ──clone──▶ worker (pid 1 of its own pid namespace)
+      clone(CLONE_PARENT, libc.clone) makes the worker (and the template) a
+      child of the daemon, which waits for it itself (wait4 on its pidfd) and
+      kills it through that pidfd: no process stands between them, and a
+      zygote that dies leaves the runs in flight alone. New mount, pid, ipc,
+      uts namespaces, and net for a worker without network (its own); a
+      worker with network joins the egress namespace instead (network.py).
+      The zygote moves it into its cgroups (cgroup.py, scope.py), then lets it
+      go. The worker enters the jail in this order, failing closed at any step:
       fds 0/1/2 = job/stdout/stderr pipes, 3 = readiness pipe, rest closed;
       private tmpfs /tmp; pivot_root into the root, old root detached;
       hostname; setsid; rlimits (config maxima);
       identity (bounding set cleared, no groups, uid/gid from the pool);
-      no_new_privs, not dumpable, parent-death signal; seccomp; "ready".
+      no_new_privs, not dumpable, parent-death signal (the daemon's main
+      thread); seccomp; "ready".
       Then it reads one job from fd 0, lowers its rlimits to the job's, runs
       the code and exits. When it exits the kernel kills the rest of its pid
       namespace, so nothing outlives a run.
 
 Fds the daemon holds per worker: the write end of the job pipe, the read
-ends of stdout and stderr, and a seqpacket socket to the keeper (exit
-status, kill requests). Nothing in a result is the worker's word except the
-bytes it printed.
+ends of stdout and stderr, the read end of the readiness pipe (until
+"ready"), and a pidfd (exit, kill). Nothing in a result is the worker's word
+except the bytes it printed.
 """
 
 from __future__ import annotations

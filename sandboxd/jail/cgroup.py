@@ -1,7 +1,7 @@
 """Per-run cgroups: limits the kernel enforces and verdicts the kernel reports.
 
 Each worker gets a leaf cgroup of its own while it is pre-forked (off the request
-path); the keeper writes the worker into it before the worker prepares its jail,
+path); the zygote writes the worker into it before the worker prepares its jail,
 so every process of the run is counted. After the run the daemon reads the
 kernel's counters (OOM kills, pids.max hits, CPU, peak memory) and removes it.
 
@@ -131,20 +131,29 @@ def kill_members(path: str) -> bool:
     return not members
 
 
+def remove_if_empty(cgroup: RunCgroup) -> bool:
+    """Kill what is left in a run's cgroup and try once to remove it; True if it is gone.
+    After its worker was reaped it usually is at once (its pid namespace died with it),
+    so the daemon tries this before waiting in a thread (remove_when_empty)."""
+    dirs = [os.path.dirname(path) for path in cgroup.procs_files]
+    if cgroup.kill_all():
+        # A v1 cgroup can stay busy for a moment after its last process is gone.
+        for directory in dirs:
+            with contextlib.suppress(OSError):
+                os.rmdir(directory)
+        return not any(os.path.exists(directory) for directory in dirs)
+    return False
+
+
 def remove_when_empty(cgroup: RunCgroup, grace: float) -> bool:
     """Kill what is left in a run's cgroup, then remove it; False (and the cgroup kept)
     if it is still busy after `grace` seconds. Blocking."""
     deadline = time.monotonic() + grace
-    dirs = [os.path.dirname(path) for path in cgroup.procs_files]
     while True:
-        if cgroup.kill_all():
-            # A v1 cgroup can stay busy for a moment after its last process is gone.
-            for directory in dirs:
-                with contextlib.suppress(OSError):
-                    os.rmdir(directory)
-            if not any(os.path.exists(directory) for directory in dirs):
-                return True
+        if remove_if_empty(cgroup):
+            return True
         if time.monotonic() > deadline:
+            dirs = [os.path.dirname(path) for path in cgroup.procs_files]
             log.error("cannot remove cgroups %s: still busy after %g s", dirs, grace)
             return False
         time.sleep(0.01)
@@ -215,19 +224,24 @@ class UnifiedBackend:
         pass  # the parent belongs to systemd (a delegated scope or service)
 
 
+# Whether the kernel accounts swap in v1 memory cgroups (memory.memsw.*), once.
+_SWAP_ACCOUNTING = os.path.exists(f"{V1_ROOT}/memory/memory.memsw.limit_in_bytes")
+
+
 class LegacyCgroup:
     """Each v1 directory costs a mkdir and an rmdir per run (a fraction of a millisecond
     each, measured), so only memory and pids always; cpu only for a quota. CPU time comes
-    from the keeper's rusage (Usage.cpu_usec is None)."""
+    from the daemon's wait4 rusage (Usage.cpu_usec is None)."""
 
     def __init__(self, parent: str, name: str, limits: Limits) -> None:
         self.memory = f"{V1_ROOT}/memory/{parent}/{name}"
         self.pids = f"{V1_ROOT}/pids/{parent}/{name}"
         self.cpu = f"{V1_ROOT}/cpu/{parent}/{name}" if limits.cpu_percent else None
+        # memory.swappiness 0 is inherited from the parent (LegacyBackend) at mkdir.
         for path in self._dirs:
-            os.makedirs(path)
-        _write(f"{self.memory}/memory.swappiness", "0")
-        self.set_memory_limit(limits.memory_bytes)
+            os.mkdir(path)
+        # A new cgroup's limits are unlimited: this lowers them (memory first).
+        self._write_memory_limit(limits.memory_bytes, raising=False)
         _write(f"{self.pids}/pids.max", str(limits.tasks))
         if self.cpu is not None:
             _write(f"{self.cpu}/cpu.cfs_period_us", str(CPU_PERIOD_US))
@@ -242,14 +256,17 @@ class LegacyCgroup:
         return [f"{path}/cgroup.procs" for path in self._dirs]
 
     def set_memory_limit(self, memory_bytes: int) -> None:
+        current = _read_int(f"{self.memory}/memory.limit_in_bytes") or 0
+        self._write_memory_limit(memory_bytes, raising=memory_bytes > current)
+
+    def _write_memory_limit(self, memory_bytes: int, raising: bool) -> None:
         memory = f"{self.memory}/memory.limit_in_bytes"
-        memsw = f"{self.memory}/memory.memsw.limit_in_bytes"
         # With swap accounting, memory+swap equal to memory means no swap at all. The kernel
         # keeps memory <= memory+swap at every step, so the order depends on the direction.
         order = [memory]
-        if os.path.exists(memsw):
-            current = _read_int(memory) or 0
-            order = [memsw, memory] if memory_bytes > current else [memory, memsw]
+        if _SWAP_ACCOUNTING:
+            memsw = f"{self.memory}/memory.memsw.limit_in_bytes"
+            order = [memsw, memory] if raising else [memory, memsw]
         for path in order:
             _write(path, str(memory_bytes))
 
@@ -262,7 +279,7 @@ class LegacyCgroup:
         )
 
     def kill_all(self) -> bool:
-        # Every process of the run is in the pids hierarchy (the keeper put it there).
+        # Every process of the run is in the pids hierarchy (the zygote put it there).
         return kill_members(self.pids)
 
     def remove(self) -> None:
@@ -279,6 +296,8 @@ class LegacyBackend:
         self.parent = parent
         for controller in CONTROLLERS_V1:
             os.makedirs(f"{V1_ROOT}/{controller}/{parent}", exist_ok=True)
+        # Inherited by each run's cgroup when it is made, instead of a write per run.
+        _write(f"{V1_ROOT}/memory/{parent}/memory.swappiness", "0")
 
     def create(self, name: str, limits: Limits) -> RunCgroup:
         return LegacyCgroup(self.parent, name, limits)
@@ -288,8 +307,8 @@ class LegacyBackend:
             _rmdir(f"{V1_ROOT}/{controller}/{self.parent}")
 
 
-# Seconds a dead daemon's processes get to leave its cgroups (its keepers kill their
-# workers when the daemon's sockets hang up; the zygote exits on the same hang-up).
+# Seconds a dead daemon's processes get to leave its cgroups (its workers die with it,
+# by their parent-death signal; the zygote exits when its control socket hangs up).
 STALE_GRACE = 5.0
 
 

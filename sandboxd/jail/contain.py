@@ -1,6 +1,6 @@
 """The jailed worker's entry: its isolation steps, in order, as one readable sequence.
 
-contain() runs in the worker (pid 1 of its new namespaces, forked by its keeper)
+contain() runs in the worker (pid 1 of its new namespaces, cloned by the zygote)
 and fails closed: the first step that raises is named on the readiness pipe and
 the worker exits with SETUP_FAILED_EXIT before it reads any code. The order is
 the one jail/__init__.py draws; each step's details live in its own module.
@@ -41,7 +41,9 @@ def contain(
     report_fd = ready_w
     step = "start"
     try:
-        os.read(go_r, 1)  # wait until the keeper has put us into our cgroup
+        # Until the zygote has put us into our cgroups; end-of-file: it died first.
+        if os.read(go_r, 1) != b"g":
+            raise RuntimeError("not placed in its cgroups (the zygote is gone)")
         step = "fds"
         for target, fd in enumerate((*stdio, ready_w)):
             os.dup2(fd, target, inheritable=target < READY_FD)
@@ -57,6 +59,7 @@ def contain(
         rlimits.apply(spec)
         step = "identity"
         identity.drop(uid)
+        # The parent is the daemon's main thread (CLONE_PARENT): no run outlives it.
         libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
         step = "runtime"
         prepare(spec)

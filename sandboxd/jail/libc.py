@@ -9,8 +9,12 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import signal
 
 _libc = ctypes.CDLL(None, use_errno=True)
+# The same libc, called with the GIL held: clone() must not release it around the fork.
+_libc_holding_gil = ctypes.PyDLL(None, use_errno=True)
+_libc_holding_gil.syscall.restype = ctypes.c_long
 
 # clone/unshare flags
 CLONE_NEWNS = 0x00020000
@@ -21,6 +25,8 @@ CLONE_NEWUSER = 0x10000000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
 CLONE_NEWTIME = 0x00000080
+CLONE_PIDFD = 0x00001000
+CLONE_PARENT = 0x00008000
 NAMESPACE_FLAGS = (
     CLONE_NEWNS
     | CLONE_NEWCGROUP
@@ -109,3 +115,36 @@ def pivot_root(new_root: str, put_old: str) -> None:
 def sethostname(name: str) -> None:
     raw = name.encode()
     _check(_libc.sethostname(raw, ctypes.c_size_t(len(raw))))
+
+
+# clone(2) by number: glibc's wrapper wants a new stack; this one forks like fork(2).
+_NR_CLONE = {"x86_64": 56, "aarch64": 220}.get(os.uname().machine)
+
+
+def clone(flags: int) -> tuple[int, int]:
+    """fork(2) with clone flags (new namespaces, CLONE_PARENT), as os.fork() does it:
+    Python's before/after-fork hooks run (locks reset, at-fork handlers such as
+    random's reseed). Returns (pid, pidfd) in the parent (pidfd -1 without
+    CLONE_PIDFD) and (0, -1) in the child. The caller must be single-threaded."""
+    if _NR_CLONE is None:
+        raise OSError(errno.ENOSYS, f"clone: unsupported machine {os.uname().machine}")
+    pidfd = ctypes.c_int(-1)
+    # x86_64 and arm64 both take (flags, stack, parent_tid, ...): no new stack, and
+    # CLONE_PIDFD stores the pidfd at parent_tid; the rest is unused here.
+    ctypes.pythonapi.PyOS_BeforeFork()
+    pid = _libc_holding_gil.syscall(
+        ctypes.c_long(_NR_CLONE),
+        ctypes.c_ulong(flags | signal.SIGCHLD),
+        ctypes.c_void_p(0),
+        ctypes.byref(pidfd),
+        ctypes.c_void_p(0),
+        ctypes.c_void_p(0),
+    )
+    if pid == 0:
+        ctypes.pythonapi.PyOS_AfterFork_Child()
+        return 0, -1
+    err = ctypes.get_errno()
+    ctypes.pythonapi.PyOS_AfterFork_Parent()
+    if pid < 0:
+        raise OSError(err, os.strerror(err))
+    return pid, pidfd.value

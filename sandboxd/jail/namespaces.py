@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from sandboxd.jail import libc
 
-# A worker's keeper unshares these before forking the worker (pid 1 of the new pid ns).
+# The zygote clones each worker into these (pid 1 of the new pid ns).
 WORKER_NAMESPACES = libc.CLONE_NEWNS | libc.CLONE_NEWPID | libc.CLONE_NEWIPC | libc.CLONE_NEWUTS
 
 
@@ -18,17 +18,12 @@ def isolate_zygote() -> None:
 
 
 def worker_namespaces(network: bool) -> int:
-    """The unshare() flags of a worker's keeper.
+    """The clone() namespace flags of a worker.
 
     A worker without network gets a network namespace of its own, with its loopback
     down: abstract Unix socket names, IP ports and loopback are per network namespace,
     so no other run can reach, be reached by, or see a port taken by this one. A
-    network worker has joined the shared egress namespace instead, where the egress
+    network worker joins the shared egress namespace instead, where the egress
     nft rules and the network seccomp policy close those channels.
     """
     return WORKER_NAMESPACES if network else WORKER_NAMESPACES | libc.CLONE_NEWNET
-
-
-def isolate_worker(network: bool) -> None:
-    """Called by the keeper: its next child is pid 1 of a new pid namespace."""
-    libc.unshare(worker_namespaces(network))

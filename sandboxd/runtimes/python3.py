@@ -2,7 +2,7 @@
 environment), and its runner: a forked zygote child runs one job as `__main__` and exits.
 
 User code shares this interpreter and can rewrite anything in it, so nothing
-here reports an outcome: the exit status is read by the keeper with wait4.
+here reports an outcome: the exit status is read by the daemon with wait4.
 
 User code sees only its own modules (DESIGN.md invariant 16): the zygote ran without
 site (zygote.command), prepare() sets sys.path to the jail's (the stdlib and the
@@ -44,6 +44,10 @@ ENVIRONMENT = {
     "USER": "sandbox",
     "PYTHONIOENCODING": "utf-8",
 }
+
+# Every run adds this warnings filter right before its code (start()); added once here,
+# at the zygote's import, its regex is compiled once instead of in every worker.
+datascience.before_code()
 
 
 # Modules the zygote imports once so that every worker starts with them warm.

@@ -36,6 +36,9 @@ from sandboxd.runtimes.datascience import ENVIRONMENT
 if TYPE_CHECKING:
     from sandboxd.zygote import Zygote
 
+# The template's process name (/proc/PID/comm); its zygote keeps the interpreter's.
+COMM = "sandboxd-tmpl"
+
 # Run in the zygote right after a warm module is imported, so that what the library
 # does lazily on first use (matplotlib's first draw and font loading, pandas'
 # groupby and CSV machinery) is done once instead of in every run. Ours, trusted like
@@ -145,10 +148,12 @@ def _import(modules: list[str]) -> list[str]:
 def start(zygote: Zygote, name: str) -> socket.socket:
     """Fork the template of runtime `name`; the zygote's end of its socket."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    pid = os.fork()
+    # A child of the daemon, like the workers it clones (zygote.py): the daemon reaps it.
+    pid, pidfd = libc.clone(libc.CLONE_PARENT | libc.CLONE_PIDFD)
     if pid == 0:
         ours.close()
         _serve(zygote, name, theirs)
+    zygote.template_pidfds.append(pidfd)
     theirs.close()
     return ours
 
@@ -156,11 +161,16 @@ def start(zygote: Zygote, name: str) -> socket.socket:
 def _serve(zygote: Zygote, name: str, sock: socket.socket) -> NoReturn:
     try:
         libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
+        # Told apart from its zygote by name: both are the daemon's children (start()).
+        with open("/proc/self/comm", "w") as comm:
+            comm.write(COMM)
         zygote.sock.close()
         zygote.sock = sock
         for other in zygote.templates.values():  # the templates forked before this one
             other.close()
-        zygote.templates = {}
+        for pidfd in zygote.template_pidfds:
+            os.close(pidfd)
+        zygote.templates, zygote.template_pidfds = {}, []
         for problem in prepare(zygote, name):
             print(f"sandboxd template: warm modules: {problem}", file=sys.stderr)
         reseed_after_fork()
@@ -177,7 +187,9 @@ def relay(template: socket.socket, packet: bytes, daemon: socket.socket, worker_
     fds: list[int] = []
     try:
         template.send(packet)
-        reply, ancdata, _, _ = template.recvmsg(control.MAX_PACKET, socket.CMSG_SPACE(4 * 4))
+        reply, ancdata, _, _ = template.recvmsg(
+            control.MAX_PACKET, socket.CMSG_SPACE(4 * control.SPAWNED_FDS)
+        )
     except OSError:
         reply, ancdata = b"", []
     for level, kind, data in ancdata:

@@ -74,8 +74,8 @@ async def test_a_worker_whose_jail_setup_fails_never_runs_code(tmp_path: Path) -
     zygote = ZygoteHandle(spec)
     await zygote.start()
     try:
-        fds = await zygote.spawn(SpawnOrder(1, "python3", 0xFFFFFFFF))
-        worker = WorkerHandle(1, "python3", 0xFFFFFFFF, fds, None, lambda: None)
+        pid, fds = await zygote.spawn(SpawnOrder(1, "python3", 0xFFFFFFFF))
+        worker = WorkerHandle(1, "python3", 0xFFFFFFFF, pid, fds, None, lambda: None)
         with pytest.raises(ProtocolError) as caught:
             with trio.fail_after(30):
                 await worker.wait_ready()

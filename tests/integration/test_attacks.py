@@ -104,6 +104,27 @@ def test_signal_or_ptrace_of_another_worker_fails(daemon: Daemon) -> None:
     assert victim["status"] == "ok" and victim["stdout"] == "survived\n", victim
 
 
+def test_worker_cannot_signal_or_trace_the_daemon_its_parent(daemon: Daemon) -> None:
+    # The zygote clones each worker as the daemon's child (CLONE_PARENT): its parent is
+    # outside its pid namespace (getppid() is 0) and runs as another uid.
+    pid = daemon.process.pid
+    code = (
+        "import os, signal\n"
+        "print(os.getppid())\n"
+        f"for target in ({pid}, 0, os.getppid()):\n"
+        "    for sig in (signal.SIGTERM, signal.SIGKILL, signal.SIGSTOP):\n"
+        "        try:\n"
+        "            if target > 1: os.kill(target, sig); print('MARKER kill', target)\n"
+        "        except OSError: pass\n"
+    )
+    answer = attack(daemon, code)
+    assert answer["status"] == "ok" and answer["stdout"] == "0\n", answer
+    # Refused by seccomp (the run is killed) or by the kernel: either way no handle.
+    attack(daemon, f"import os\nos.pidfd_open({pid})\nprint('MARKER pidfd')")
+    trace = f"import ctypes\nprint(ctypes.CDLL(None).ptrace(16, {pid}, 0, 0))\nprint('MARKER')"
+    assert attack(daemon, trace)["status"] == "blocked_syscall"
+
+
 def test_two_live_workers_have_different_uids(daemon: Daemon) -> None:
     code = "import os, time\nprint(os.getuid())\ntime.sleep(0.3)"
     seen: list[str] = []

@@ -62,7 +62,7 @@ def _status(pid: int | str) -> dict[str, str]:
 
 
 def _descends_from(pid: int, ancestor: int) -> bool:
-    """Whether `ancestor` is above `pid` (worker -> keeper -> zygote -> daemon)."""
+    """Whether `ancestor` is above `pid` (worker -> daemon: CLONE_PARENT)."""
     for _ in range(8):
         parent = int(_status(pid).get("PPid", "0"))
         if parent == ancestor:

@@ -78,7 +78,8 @@ def test_the_spec_holds_every_served_runtime_with_its_records_policy(tmp_path: P
 
 
 def test_the_data_science_runtime_is_quietly_off_without_warm_modules(tmp_path: Path) -> None:
-    quiet = Config(server=ServerConfig(state_dir=str(tmp_path)), python3=PythonConfig(warm_modules=""))
+    server, python = ServerConfig(state_dir=str(tmp_path)), PythonConfig(warm_modules="")
+    quiet = Config(server=server, python3=python)
     spec, unavailable = build_spec(quiet, cgroups_in_force=False)
     assert "science" not in spec.runtimes and "science" not in unavailable
 

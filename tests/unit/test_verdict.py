@@ -1,7 +1,7 @@
 """The verdict table (verdict.py): a run's facts in, its status and fields out.
 
 Wait statuses are made by real processes (a child that exits with a code or is
-killed by a signal), so the table is read the way the keeper's wait4 reports it.
+killed by a signal), so the table is read the way the daemon's wait4 reports it.
 """
 
 from __future__ import annotations
