@@ -256,7 +256,8 @@ class Dispatcher:
                     "retry in a few seconds",
                 )
             if worker is None:
-                return verdict.queued_too_long(request_id, (trio.current_time() - started) * 1000)
+                waited_ms = (trio.current_time() - started) * 1000
+                return verdict.queued_too_long(request_id, waited_ms, job.timeout)
             limits = verdict.limits_of(
                 job.timeout, job.memory_mb, self.config.limits, worker.cgroup is not None
             )

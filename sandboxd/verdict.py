@@ -164,9 +164,10 @@ def with_blocked_call(result: RunResult, call: str | None) -> RunResult:
     return msgspec.structs.replace(result, message=f"blocked system call {call}")
 
 
-def queued_too_long(request_id: RequestId, waited_ms: float) -> RunResult:
-    """A request whose whole timeout passed while it waited for a worker: a timeout
-    whose message says no run was started, unlike a run that took too long."""
+def queued_too_long(request_id: RequestId, waited_ms: float, timeout: float) -> RunResult:
+    """A request whose whole timeout (seconds) passed while it waited for a worker: a
+    timeout whose message says no run was started, unlike a run that took too long. The
+    message names the request's timeout; wall_ms says how long it really waited."""
     return RunResult(
         id=request_id,
         status="timeout",
@@ -178,5 +179,5 @@ def queued_too_long(request_id: RequestId, waited_ms: float) -> RunResult:
         wall_ms=round(waited_ms, 3),
         cpu_ms=0.0,
         peak_memory_bytes=None,
-        message=f"no worker became free within {waited_ms / 1000:.3g} s",
+        message=f"no worker became free within {timeout:g} s",
     )

@@ -576,7 +576,7 @@ def test_too_large_uses_the_envelope_of_the_route() -> None:
 
 
 def test_a_request_that_never_got_a_worker_says_so_apart_from_a_run_timeout() -> None:
-    queued = queued_too_long(4, 15_000.0)
+    queued = queued_too_long(4, 15_020.0, 15)
     assert (queued.id, queued.status, queued.exit_code) == (4, "timeout", None)
     assert queued.message == "no worker became free within 15 s"
     ran = msgspec.structs.replace(queued, message=None)

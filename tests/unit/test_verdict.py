@@ -130,12 +130,12 @@ def test_a_blocked_call_is_named_only_on_a_blocked_syscall_result() -> None:
 
 
 def test_a_request_that_never_ran_is_a_timeout_saying_so() -> None:
-    queued = verdict.queued_too_long(4, 2500.0)
+    queued = verdict.queued_too_long(4, 2531.0, 2.5)
     assert (queued.status, queued.exit_code, queued.cpu_ms, queued.wall_ms) == (
         "timeout",
         None,
         0.0,
-        2500.0,
+        2531.0,
     )
     assert queued.message == "no worker became free within 2.5 s"
 
