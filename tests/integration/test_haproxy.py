@@ -182,6 +182,10 @@ def test_two_daemons_behind_haproxy_answer_every_request_once_through_a_stop_and
 ) -> None:
     first = start_daemon(tmp_path / "first")
     second = start_daemon(tmp_path / "second")
+    # Warm-up (the data-science template's imports) is not what this test measures:
+    # under load a daemon still warming up missed haproxy's 1 s health checks.
+    for daemon in (first, second):
+        daemon.wait_for_log("sandboxd ready:")
     port = free_port()
     config = tmp_path / "haproxy.cfg"
     servers = {

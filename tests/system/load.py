@@ -24,7 +24,10 @@ import sys
 
 def one(path: str, number: int) -> str:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(120)
+        # A run sent during a restart waits for the new daemon's start, which may take
+        # up to TimeoutStartSec (300 s): under emulation the data-science template's
+        # imports made a start take 116-167 s, past the 120 s this waited before.
+        sock.settimeout(300)
         try:
             sock.connect(path)
         except OSError:
