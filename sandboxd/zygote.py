@@ -113,6 +113,8 @@ class Zygote:
         # emptied here, the finders and their directory listings are not freed (and
         # their pages copied on write) in every worker instead.
         sys.path_importer_cache.clear()
+        for runtime in self.spec.runtimes.values():
+            runtimes.get(runtime.runner).before_forks(self.spec, runtime)
         # Move every object the zygote made out of the collector's reach, so a worker's
         # garbage collections do not touch (and copy-on-write) the whole warm heap.
         gc.freeze()

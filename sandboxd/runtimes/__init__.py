@@ -6,8 +6,10 @@ A record's jail() turns the config into a RuntimeJail (jail/__init__.py): plain
 data in the JailSpec, so the zygote (started `python -I -S`) needs nothing of the
 registry, only the runner module the record names.
 
-A runner module offers three verbs, called in the zygote and in the worker:
+A runner module offers four verbs, called in the zygote and in the worker:
 root_files(spec, runtime) -> extra files of the runtime's root, built once by the zygote;
+before_forks(spec, runtime) -> work done once in the zygote (and in a template after its
+warm imports) right before it forks workers, so that no worker repeats it;
 prepare(spec, runtime) -> last steps before seccomp (e.g. sys.path, environment);
 start(spec, runtime, ready_fd) -> report ready on ready_fd, read the job from fd 0,
 run it, exit.
@@ -34,6 +36,8 @@ if TYPE_CHECKING:
 
 class Runner(Protocol):
     def root_files(self, spec: JailSpec, runtime: RuntimeJail) -> dict[str, bytes]: ...
+
+    def before_forks(self, spec: JailSpec, runtime: RuntimeJail) -> None: ...
 
     def prepare(self, spec: JailSpec, runtime: RuntimeJail) -> None: ...
 

@@ -115,6 +115,10 @@ def root_files(spec: JailSpec, runtime: RuntimeJail) -> dict[str, bytes]:
     return {runtime.bootstrap: bootstrap_source(), proxy_agent: bootstrap_source("proxy.js")}
 
 
+def before_forks(spec: JailSpec, runtime: RuntimeJail) -> None:
+    pass  # node starts afresh in every worker: nothing to share
+
+
 def prepare(spec: JailSpec, runtime: RuntimeJail) -> None:
     """Nothing: node is exec'd with its environment and flags built by argv()."""
 

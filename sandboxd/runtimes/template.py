@@ -28,7 +28,7 @@ import socket
 import sys
 from typing import TYPE_CHECKING, NoReturn
 
-from sandboxd import control
+from sandboxd import control, runtimes
 from sandboxd.control import SpawnFailed
 from sandboxd.jail import contain, libc
 from sandboxd.runtimes.datascience import ENVIRONMENT
@@ -174,6 +174,8 @@ def _serve(zygote: Zygote, name: str, sock: socket.socket) -> NoReturn:
         for problem in prepare(zygote, name):
             print(f"sandboxd template: warm modules: {problem}", file=sys.stderr)
         reseed_after_fork()
+        runtime = zygote.spec.runtimes[name]
+        runtimes.get(runtime.runner).before_forks(zygote.spec, runtime)
         gc.freeze()
         zygote.serve()
     except BaseException as exc:
