@@ -344,3 +344,43 @@ def test_the_template_has_no_shared_writable_mapping_its_runs_inherit(debian: Da
     shared = [line for line in maps if line.split()[1][1] == "w" and line.split()[1][3] == "s"]
     assert shared == []
     assert len(maps) > 100  # numpy, pandas and matplotlib are mapped: the right process
+
+
+# Science and plain workers are cloned by different parents (the template, the
+# zygote): each listens where the other might connect, then tries the other's.
+_LISTEN_AND_CONNECT = """
+import socket, time
+MINE, THEIRS = %d, %d
+def places(n):
+    return ((socket.AF_UNIX, '\\0sbx-rt2-%%d' %% n), (socket.AF_INET, ('127.0.0.1', 47000 + n)))
+servers = []
+for family, address in places(MINE):
+    server = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        server.bind(address)
+        server.listen()
+        servers.append(server)
+    except OSError as exc:
+        print('BIND', exc)
+time.sleep(0.8)
+for family, address in places(THEIRS):
+    client = socket.socket(family, socket.SOCK_STREAM)
+    client.settimeout(0.5)
+    try:
+        client.connect(address)
+        print('MARKER connected to the other run', address)
+    except OSError:
+        pass
+time.sleep(0.8)
+print('LISTENED', len(servers))
+"""
+
+
+def test_a_science_run_and_a_plain_run_cannot_connect(debian: Daemon) -> None:
+    pair = run_together(
+        debian,
+        Tenant("python3", _SCIENCE + _LISTEN_AND_CONNECT % (1, 2)),
+        Tenant("python3", _LISTEN_AND_CONNECT % (2, 1)),
+    )
+    for answer in pair:
+        assert "LISTENED 2" in answer.stdout, answer.raw
