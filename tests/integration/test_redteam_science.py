@@ -307,11 +307,11 @@ def test_warm_module_state_a_run_changes_does_not_reach_other_runs(debian: Daemo
     for answer in (second.raw, later):
         assert answer["status"] == "ok", answer["stderr"]
         assert MARKER not in answer["stdout"], answer
-    # No fd of the template's beyond what a plain worker holds.
+    # No fd of the template's: stdio only, as in a plain worker (invariant 12).
     plain = debian.run(_FDS)
     assert plain["status"] == "ok", plain
     science_line = [ln for ln in later["stdout"].splitlines() if ln.startswith("FDS")]
-    assert science_line == plain["stdout"].splitlines(), (later, plain)
+    assert science_line == plain["stdout"].splitlines() == ["FDS [0, 1, 2]"], (later, plain)
 
 
 def _children(pid: int) -> list[int]:
@@ -349,8 +349,9 @@ def test_the_template_has_no_shared_writable_mapping_its_runs_inherit(debian: Da
 # Science and plain workers are cloned by different parents (the template, the
 # zygote): each listens where the other might connect, then tries the other's.
 _LISTEN_AND_CONNECT = """
-import socket, time
+import os, socket, time
 MINE, THEIRS = %d, %d
+print('UID', os.getuid())
 def places(n):
     return ((socket.AF_UNIX, '\\0sbx-rt2-%%d' %% n), (socket.AF_INET, ('127.0.0.1', 47000 + n)))
 servers = []
@@ -384,3 +385,6 @@ def test_a_science_run_and_a_plain_run_cannot_connect(debian: Daemon) -> None:
     )
     for answer in pair:
         assert "LISTENED 2" in answer.stdout, answer.raw
+    # Two live workers, of two pools: two uids, neither root (invariant 4).
+    uids = [line for answer in pair for line in answer.stdout.splitlines() if "UID" in line]
+    assert len(set(uids)) == 2 and "UID 0" not in uids, uids

@@ -20,6 +20,8 @@ import os
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.integration.conftest import Daemon
 from tests.integration.tenants import Tenant, run_together
 from tests.integration.test_redteam_science import (  # a fixture, and the host's view
@@ -226,3 +228,48 @@ def test_odd_exits_leave_no_process_holding_a_uid_and_the_daemon_serves(
             served = debian.run(code)
             assert served["status"] == "ok" and served["stdout"] == "served\n", served
     debian.assert_healthy()
+
+
+def _kill_ready_workers(daemon: Daemon) -> list[int]:
+    """SIGKILL every ready worker from the host (as a crash or the OOM killer would)."""
+    assert daemon.run("import numpy\nprint(1)")["status"] == "ok"  # both pools up
+    ready = [pid for pid, _ in _run_processes(daemon)]
+    assert ready, "no ready worker to kill"
+    for pid in ready:
+        os.kill(pid, 9)
+    return ready
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a ready worker that dies before its job is not reaped until a job is handed "
+    "to it: it stays a zombie holding its uid, and the run it is given answers 'killed'",
+)
+def test_a_run_never_gets_a_ready_worker_that_already_died(
+    debian: Daemon,  # noqa: F811
+) -> None:
+    _kill_ready_workers(debian)
+    statuses = [debian.run(code)["status"] for code in ("print(1)", "import numpy\nprint(1)")]
+    assert statuses == ["ok", "ok"]
+
+
+def test_ready_workers_that_die_are_used_up_and_the_daemon_serves(
+    debian: Daemon,  # noqa: F811
+) -> None:
+    # Each dead ready worker costs at most one run a 'killed' answer; then every run is
+    # served and no process of the pool's uids is left but the new ready workers.
+    ready = _kill_ready_workers(debian)
+    runs = (
+        ("python3", "print('served')"),
+        ("python3", "import numpy\nprint('served')"),
+        ("nodejs", "console.log('served')"),
+    )
+    for language, code in runs:
+        answers = [debian.run(code, language) for _ in range(len(ready) + 5)]
+        assert {a["status"] for a in answers} <= {"ok", "killed"}, answers
+        assert [a["stdout"] for a in answers[-5:]] == ["served\n"] * 5, answers
+    deadline = time.monotonic() + 60
+    while _strays(debian) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _strays(debian) == []
+    assert not set(ready) & {pid for pid, _ in _run_processes(debian)}
