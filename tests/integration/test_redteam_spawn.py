@@ -20,8 +20,6 @@ import os
 import time
 from pathlib import Path
 
-import pytest
-
 from tests.integration.conftest import Daemon
 from tests.integration.tenants import Tenant, run_together
 from tests.integration.test_redteam_science import (  # a fixture, and the host's view
