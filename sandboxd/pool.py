@@ -5,7 +5,9 @@ Theory of operation
 A Pool keeps `size` workers ready or preparing; a task per worker waits for its
 readiness report before the worker is offered, so a request never pays for jail
 setup. A taken worker's replacement is ordered when its run is over (at once if
-the pool ran dry), so preparing it does not compete with the run. Its workers
+the pool ran dry), so preparing it does not compete with the run; a ready worker
+that dies while it waits (killed from outside) is reaped and replaced within
+SWEEP_EVERY. Its workers
 come from its generation (generation.py: Generation.new_worker) and go back to
 it to be retired (Generation.retire_worker). A pool whose workers keep failing to
 start (FAILING_AFTER in a row) answers `internal` at once instead of waiting.
@@ -32,6 +34,10 @@ PoolKey = tuple[str, bool]
 # Consecutive spawn failures after which requests fail fast instead of waiting.
 FAILING_AFTER = 3
 READY_TIMEOUT = 30.0
+# How often the ready workers are checked for having died while they waited (killed
+# from outside, e.g. by the OOM killer): a dead one is reaped, which frees its uid
+# and cgroup, and replaced, instead of waiting as a zombie until a run takes it.
+SWEEP_EVERY = 1.0
 
 
 class PoolRetired(Exception):
@@ -79,8 +85,31 @@ class Pool:
                 if not started and (self.ready >= self.size or self.failures >= FAILING_AFTER):
                     started = True
                     task_status.started()
-                await self._wanted.wait()
-                self._wanted = trio.Event()
+                with trio.move_on_after(SWEEP_EVERY):
+                    await self._wanted.wait()
+                    self._wanted = trio.Event()
+                self._sweep()
+
+    def _sweep(self) -> None:
+        """Retire the ready workers that died while they waited. No checkpoint between
+        taking them out and putting the live ones back: no take() runs in between."""
+        alive: list[WorkerHandle] = []
+        dead = 0
+        while True:
+            try:
+                worker = self._receive.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel):
+                break
+            if worker.gone():
+                dead += 1
+                self.generation.shared.start_soon(self.generation.retire_worker, worker, self)
+            else:
+                alive.append(worker)
+        for worker in alive:
+            self._send.send_nowait(worker)
+        if dead:
+            log.warning("%d ready %s worker(s) died while waiting", dead, self.language)
+            self.generation.ready_changed(self.language)
 
     async def _prepare_one(self) -> None:
         worker: WorkerHandle | None = None

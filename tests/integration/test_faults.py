@@ -81,8 +81,8 @@ def zombie(pid: int) -> bool:
 
 def workers_of(daemon: Daemon) -> list[int]:
     """Host pids of this daemon's live jailed workers (their uids are its [jail] range).
-    A ready worker killed in its pool stays the daemon's zombie, its uid still held,
-    until the pool takes it out and retires it (Pool.take): it runs nothing."""
+    A ready worker killed in its pool is the daemon's zombie, its uid still held, until
+    the pool's sweep or a take() reaps it (Pool._sweep, Pool.take): it runs nothing."""
     found = []
     for name in os.listdir("/proc"):
         uid = uid_of(int(name)) if name.isdigit() else None
@@ -250,7 +250,9 @@ def kill_random(daemon: Daemon, chooser: random.Random) -> None:
 def test_killing_random_workers_costs_only_their_runs(
     tmp_path: Path, language: str
 ) -> None:
-    daemon = start_daemon(tmp_path, f"[{language}]\npool_size = 2\n")
+    # Pools of 2 and 2, no data-science pool: 4 ready workers when all is well.
+    pools = '[python3]\npool_size = 2\nwarm_modules = ""\n[nodejs]\npool_size = 2\n'
+    daemon = start_daemon(tmp_path, pools)
     chooser = random.Random(10)
     code = "console.log('hello')" if language == "nodejs" else "print('hello')"
     slow = (

@@ -262,6 +262,23 @@ def test_a_run_never_gets_a_ready_worker_that_already_died(
     assert statuses == ["ok", "ok"]
 
 
+def test_ready_workers_that_die_while_waiting_are_reaped_and_replaced_without_a_run(
+    debian: Daemon,  # noqa: F811
+) -> None:
+    # Killed from outside (a crash, the OOM killer) and never handed a job: each is
+    # reaped within the pool's sweep (no zombie keeps its uid) and replaced.
+    ready = _kill_ready_workers(debian)
+    deadline = time.monotonic() + 60
+    while (_strays(debian) or len(_run_processes(debian)) < len(ready)) and (
+        time.monotonic() < deadline
+    ):
+        time.sleep(0.2)
+    assert _strays(debian) == []
+    assert not set(ready) & {pid for pid, _ in _run_processes(debian)}
+    assert len(_run_processes(debian)) >= len(ready), "the pools were not refilled"
+    assert debian.run("print(1)")["status"] == "ok"
+
+
 def test_ready_workers_that_die_are_used_up_and_the_daemon_serves(
     debian: Daemon,  # noqa: F811
 ) -> None:
