@@ -292,14 +292,17 @@ wait_busy_slot() {
 }
 
 # wait_active: a reload is asynchronous on systemd 252 (Type=notify): `systemctl
-# reload` returns once SIGHUP is sent; the unit is "reloading" until READY=1.
+# reload` returns once SIGHUP is sent; the unit is "reloading" until READY=1, for
+# at most the unit's TimeoutStartSec (300 s). Under emulation the new generation's
+# data-science template (numpy, pandas, matplotlib imported and warmed) takes
+# 100-250 s of that; on real hardware a few seconds.
 wait_active() {
     local i
-    for i in $(seq 240); do
+    for i in $(seq 600); do
         [ "$(systemctl is-active sandboxd.service)" = active ] && return 0
         sleep 0.5
     done
-    echo "sandboxd.service still $(systemctl is-active sandboxd.service) after 120 s"
+    echo "sandboxd.service still $(systemctl is-active sandboxd.service) after 300 s"
     return 1
 }
 
