@@ -67,6 +67,10 @@ PIP_INSTALL_FLAGS = (
     # Bytecode written now: the jail's site-packages is read-only.
     "--compile",
     "--root-user-action=ignore",
+    # An unreachable index fails after one retry, not pip's five backed-off ones (80 s
+    # in the emulated guest), so a reload on a host without network is not held up.
+    "--retries",
+    "1",
 )
 NPM_FLAGS = (
     "--omit=dev",
