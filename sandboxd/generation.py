@@ -163,6 +163,10 @@ class ZygoteHandle:
                 await trio.lowlevel.wait_readable(pidfd)
             with contextlib.suppress(ProcessLookupError):
                 signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            # Until it has exited (its pidfd turns readable): waitid on a live template
+            # blocks the event loop (in the emulated guest the watchdog fired 26 s after
+            # a reload, the old template still alive).
+            await trio.lowlevel.wait_readable(pidfd)
             os.waitid(os.P_PIDFD, pidfd, os.WEXITED)
             os.close(pidfd)
         self._template_pidfds = []
