@@ -239,12 +239,8 @@ def _kill_ready_workers(daemon: Daemon) -> list[int]:
 
 
 def _exited(pid: int) -> bool:
-    """Whether `pid` has exited: a zombie (not reaped yet) or gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except (FileNotFoundError, ProcessLookupError):
-        return True
+    """Whether `pid` has exited: a zombie (not reaped yet) or gone (no status)."""
+    return _status(pid).get("State", "X").startswith(("Z", "X"))
 
 
 def test_a_run_never_gets_a_ready_worker_that_already_died(
