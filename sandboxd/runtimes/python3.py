@@ -6,8 +6,8 @@ here reports an outcome: the exit status is read by the daemon with wait4.
 
 User code sees only its own modules (DESIGN.md invariant 16): the zygote ran without
 site (zygote.command), prepare() sets sys.path to the jail's (the stdlib and the
-dependency environment), and once the job is read, forget_bootstrap() removes from
-sys.modules every module that is neither the standard library's nor the jail
+dependency environment), and before the worker says it is ready, forget_bootstrap()
+removes from sys.modules every module that is neither the standard library's nor the jail
 environment's: sandboxd itself, msgspec, the seccomp bindings and whatever they
 pulled in. Which ones is decided once before the forks (before_forks, plan_forgetting),
 so a worker only deletes.
@@ -345,6 +345,11 @@ def _shutdown(code: int) -> NoReturn:
 
 
 def start(spec: JailSpec, runtime: RuntimeJail, ready_fd: int) -> NoReturn:
+    # Done before "ready", off the request path (about 0.8 ms of a run's wall time):
+    # the job is read with os.read and decoded by the already bound decoder, which
+    # imports nothing, so nothing of the bootstrap is back in sys.modules by the code.
+    forget_bootstrap(runtime)
+    _set_stdio()
     os.write(ready_fd, b"ok")
     os.close(ready_fd)
     try:
@@ -352,8 +357,6 @@ def start(spec: JailSpec, runtime: RuntimeJail, ready_fd: int) -> NoReturn:
     except EOFError:
         os._exit(0)  # retired without a job
     rlimits.lower_for_job(job.memory_mb, job.timeout)
-    forget_bootstrap(runtime)
-    _set_stdio()
     datascience.write_inputs(job.files)
     if job.boundary:
         atexit.register(datascience.after_code, job.boundary)
