@@ -1,13 +1,13 @@
 """Debian's packaged Python modules in a jail: offline defaults without pip.
 
 A profile names Debian packages (a table below). At start-up, and on a reload
-after the host's packages changed (jail/hostscan.py), the daemon asks dpkg which of
-them are installed, follows their python3-*
-dependencies, and binds read-only into the jail only what those packages own
-directly under /usr/lib/python3/dist-packages (module directories, single-file
-modules, their .egg-info/.dist-info), at the same path, plus the shared
-libraries their extension modules link, the profile's data paths (DATA) and the
-targets of the symlinks in all of these. The rest of dist-packages (the
+after the host's packages changed (jail/hostscan.py), the daemon asks dpkg which
+of them are installed, follows their python3-* dependencies, and binds read-only
+into the jail only what those packages own directly under
+/usr/lib/python3/dist-packages (module directories, single-file modules, their
+.egg-info/.dist-info), at the same path, plus the shared libraries their
+extension modules link, the profile's data paths (DATA) and the targets of the
+symlinks in all of these. The rest of dist-packages (the
 daemon's own pystemd, seccomp, ...) does not exist in the jail.
 
 The "python3" profile is in every python3 jail; the "science" profile only in the
@@ -35,7 +35,11 @@ PROFILES: dict[str, tuple[str, ...]] = {
     "python3": ("python3-jinja2", "python3-requests", "python3-httpx"),
     # The data-science pools' warm modules ([python3] warm_modules): numpy links
     # libblas3/liblapack3 (OpenBLAS), matplotlib pulls in python3-pil and its image
-    # libraries; all found by dpkg and ldd, none listed here.
+    # libraries; all found by dpkg and ldd, none listed here. python3-fonttools'
+    # Depends bring python3-sympy and python3-scipy (first of "scipy | munkres"):
+    # neither warm module imports them (matplotlib uses fontTools for PDF/PS font
+    # subsetting only), but runs of these pools import them, so they stay; with the
+    # scans kept (jail/hostscan.py) their cost is paid at start, not on every reload.
     "science": ("python3-numpy", "python3-pandas", "python3-matplotlib"),
 }
 
@@ -138,8 +142,9 @@ def link_targets(paths: Iterable[str]) -> list[str]:
 
 
 def _profile_scan(profile: str) -> Hashable:
-    """What root_entries' answer depends on besides the host's packages (whose files
-    under dist-packages change only with dpkg's status: pip never installs there)."""
+    """What root_entries' answer depends on besides the host's packages (the files
+    under dist-packages change only with dpkg's status: Debian's pip installs under
+    /usr/local)."""
     data = DATA.get(profile, ())
     return profile, PROFILES.get(profile, ()), data, tuple(map(os.path.exists, data))
 
