@@ -1,6 +1,7 @@
 """What a worker's mount namespace costs, alone: the steps of jail/rootfs.py timed
-in forked children of a process that holds the python3 and nodejs roots, as the
-zygote does (run as root; everything happens in a private mount namespace).
+in forked children of a process that holds every root of the default config's
+runtimes (daemon.build_spec), as the zygote does, for a worker of the python3
+root (run as root; everything happens in a private mount namespace).
 
     python -m bench.mountns [--rounds 300]
 
@@ -22,6 +23,7 @@ import statistics
 import tempfile
 import time
 
+from sandboxd import config, daemon
 from sandboxd.jail import libc, rootfs
 
 _MODES = ("fork", "copy+pivot", "prebuilt")
@@ -70,14 +72,15 @@ def main() -> int:
     libc.mount("none", "/", None, libc.MS_REC | libc.MS_PRIVATE)
     base = tempfile.mkdtemp(prefix="sandboxd-bench-mountns-")
     libc.mount("bench", base, "tmpfs", 0, "size=1m")
-    entries = {"python3": rootfs.python_entries(), "nodejs": rootfs.node_entries("/usr/bin/node")}
+    spec, _ = daemon.build_spec(config.load_config(None, {}), cgroups_in_force=False)
     roots = {}
-    for name, found in entries.items():
-        roots[name] = os.path.join(base, name)
-        rootfs.build(roots[name], found, {})
+    for name, runtime in spec.runtimes.items():
+        if spec.root_name(name) == name:
+            roots[name] = os.path.join(base, name)
+            rootfs.build(roots[name], runtime.entries, {})
     namespace = rootfs.prebuild(roots["python3"])
     with open("/proc/self/mountinfo") as table:
-        print(f"mounts in this namespace: {len(table.readlines())} (the zygote's stand-in)")
+        print(f"roots {sorted(roots)}; mounts here (the zygote's stand-in): {len(list(table))}")
     samples: dict[str, list[tuple[float, float, float, float]]] = {m: [] for m in _MODES}
     block = max(1, args.rounds // 3)
     while any(len(done) < args.rounds for done in samples.values()):
