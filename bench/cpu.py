@@ -24,9 +24,12 @@ jail preparation, the job and its exit) is summed by the client. The roles per
 run are then:
 
 - daemon, zygote: their deltas (zygote: the processes alive at both ends);
-- worker before the job: the mean CPU of the workers found ready (what a worker
-  cost before it had a job), per run, plus the change of the ready workers' total
-  over the cell;
+- worker before the job: the mean CPU of a ready worker (what a worker cost
+  before it had a job), per run, plus the change of the ready workers' total over
+  the cell. The mean is over the workers ReadyCosts saw ready during the cell (a
+  worker's run time that two samples in a row found unchanged while it slept:
+  each one's own cost, whenever it was prepared), else over those ready at the
+  cell's ends;
 - worker running the job: the runs' `cpu_ms` less that mean (it includes the
   worker's exit and, with it, its pid namespace's and mounts' teardown);
 - other: what is left of the tree's count (any process that started or died
@@ -172,6 +175,48 @@ def worker_leaves(daemon_pid: int) -> list[list[int]]:
     return leaves
 
 
+def _state(pid: int) -> str:
+    """The process's state letter (R running, S sleeping, ...), "" if it is gone."""
+    fields = _stat_fields(pid)
+    return "" if fields is None else fields[0]
+
+
+class ReadyCosts:
+    """What each worker cost before its job, sampled while a cell runs.
+
+    A ready worker sleeps in its read of the job and its run time stands still, while
+    one that prepares or runs a job changes it (or is runnable, when the machine is
+    loaded); so a worker seen sleeping with the same run time in two samples in a row
+    is ready, and that run time is its preparation's whole cost.
+    """
+
+    def __init__(self, daemon_pid: int) -> None:
+        self.daemon_pid = daemon_pid
+        self._last: dict[int, int] = {}
+        # Ready cost in ns, and whether the worker is a node one, by pid.
+        self.ready: dict[int, tuple[int, bool]] = {}
+
+    def sample(self) -> None:
+        last: dict[int, int] = {}
+        for leaf in worker_leaves(self.daemon_pid):
+            for pid in leaf:
+                if pid in self.ready:
+                    continue
+                ns = live_threads_ns(pid)
+                if _state(pid) != "S":
+                    continue
+                if self._last.get(pid) == ns:
+                    self.ready[pid] = (ns, _comm(pid) == "node")
+                else:
+                    last[pid] = ns
+        self._last = last
+
+    def mean(self, node: bool) -> tuple[float, int] | None:
+        """The mean ready cost (ns) of the workers of one kind, and how many; None if none."""
+        costs = [ns for ns, is_node in self.ready.values() if is_node == node]
+        return (sum(costs) / len(costs), len(costs)) if costs else None
+
+
 def _comm(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/comm") as handle:
@@ -215,8 +260,16 @@ class Breakdown(msgspec.Struct, frozen=True):
     ready_workers: int  # workers the "before job" mean was taken over
 
 
-def breakdown(before: Snapshot, after: Snapshot, runs: int, runs_cpu_ms: float) -> Breakdown:
-    """The roles per run between two snapshots around `runs` runs whose cpu_ms sum is given."""
+def breakdown(
+    before: Snapshot,
+    after: Snapshot,
+    runs: int,
+    runs_cpu_ms: float,
+    prepared: tuple[float, int] | None = None,
+) -> Breakdown:
+    """The roles per run between two snapshots around `runs` runs whose cpu_ms sum is
+    given; `prepared` is ReadyCosts.mean() of the cell (else the snapshots' ready
+    workers give the mean)."""
     per_run = 1e6 * max(1, runs)  # ns -> ms per run
     tree = after.tree_ns - before.tree_ns
     daemon = after.daemon_ns - before.daemon_ns
@@ -225,7 +278,11 @@ def breakdown(before: Snapshot, after: Snapshot, runs: int, runs_cpu_ms: float) 
     )
     workers = runs_cpu_ms * 1e6 - before.ready_ns + after.ready_ns
     sampled = after if after.like_workers else before
-    prepared_each = sampled.like_ns / sampled.like_workers if sampled.like_workers else 0.0
+    if prepared is None:
+        count = sampled.like_workers
+        prepared_each = sampled.like_ns / count if count else 0.0
+    else:
+        prepared_each, count = prepared
     job = runs_cpu_ms * 1e6 - runs * prepared_each
     roles = {
         "daemon": daemon / per_run,
@@ -239,5 +296,5 @@ def breakdown(before: Snapshot, after: Snapshot, runs: int, runs_cpu_ms: float) 
         roles=roles,
         total_ms=tree / per_run,
         kernel_threads_ms=(after.kernel_threads_ns - before.kernel_threads_ns) / per_run,
-        ready_workers=sampled.like_workers,
+        ready_workers=count,
     )

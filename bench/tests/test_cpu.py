@@ -11,12 +11,13 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bench.cpu import ROLES, Snapshot, TreeCgroup, breakdown, take
+from bench.cpu import PIDS, ROLES, ReadyCosts, Snapshot, TreeCgroup, breakdown, take
 from bench.floor import OPERATIONS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -76,6 +77,44 @@ def test_tree_cgroup_counts_a_wrapped_command_and_its_children() -> None:
     assert not os.path.exists(tree.path)
 
 
+def test_ready_costs_take_a_sleeping_worker_and_never_a_busy_one(tmp_path: Path) -> None:
+    # A stand-in daemon's per-run pids cgroup (cpu.worker_leaves reads its leaves) with
+    # a process asleep in a read, as a ready worker is, and one that keeps computing.
+    fake_daemon = os.getpid()
+    leaf = Path(PIDS, f"sandboxd.{fake_daemon}", "g1", "w")
+    leaf.mkdir(parents=True)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
+                               stdin=subprocess.PIPE)  # fmt: skip
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        for child in (sleeper, spinner):
+            (leaf / "cgroup.procs").write_text(str(child.pid))
+        ready = ReadyCosts(fake_daemon)
+        for _ in range(200):
+            ready.sample()
+            if sleeper.pid in ready.ready:
+                break
+            time.sleep(0.02)
+        for _ in range(10):  # the spinner has had as many chances as the sleeper
+            ready.sample()
+            time.sleep(0.02)
+        assert sleeper.pid in ready.ready
+        assert spinner.pid not in ready.ready
+        cost, is_node = ready.ready[sleeper.pid]
+        # Its whole start-up so far: an interpreter's start is milliseconds of CPU.
+        assert cost > 1_000_000 and not is_node
+        assert ready.mean(node=False) == (float(cost), 1)
+        assert ready.mean(node=True) is None
+    finally:
+        for child in (sleeper, spinner):
+            child.kill()
+            child.wait()
+        assert sleeper.stdin is not None
+        sleeper.stdin.close()
+        for path in (leaf, leaf.parent, leaf.parent.parent):
+            path.rmdir()
+
+
 _counts = st.integers(min_value=0, max_value=10**12)
 
 
@@ -97,11 +136,16 @@ def _snapshots(draw: st.DrawFn) -> Snapshot:
     _snapshots(),
     st.integers(min_value=0, max_value=10**6),
     st.floats(min_value=0, max_value=1e7),
+    st.none() | st.tuples(st.floats(min_value=0, max_value=1e11), st.integers(1, 64)),
 )
 def test_roles_always_add_up_to_the_trees_count(
-    before: Snapshot, after: Snapshot, runs: int, runs_cpu_ms: float
+    before: Snapshot,
+    after: Snapshot,
+    runs: int,
+    runs_cpu_ms: float,
+    prepared: tuple[float, int] | None,
 ) -> None:
-    split = breakdown(before, after, runs, runs_cpu_ms)
+    split = breakdown(before, after, runs, runs_cpu_ms, prepared)
     assert list(split.roles) == list(ROLES)
     scale = max(1.0, abs(split.total_ms), *(abs(v) for v in split.roles.values()))
     assert math.isclose(sum(split.roles.values()), split.total_ms, abs_tol=1e-9 * scale)
