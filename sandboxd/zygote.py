@@ -84,6 +84,9 @@ class Zygote:
         self.templates: dict[str, socket.socket] = {}
         # Pidfds of the templates, for the daemon (their parent).
         self.template_pidfds: list[int] = []
+        # Root name -> nsfs fd of its prebuilt mount namespace (rootfs.prebuild), which
+        # its workers enter.
+        self.mount_namespaces: dict[str, int] = {}
 
     def prepare(self) -> None:
         # Opened before the zygote leaves the host's network namespace.
@@ -99,7 +102,9 @@ class Zygote:
             if self.spec.egress_netns is not None:
                 # The host's resolver may be on its loopback, unreachable from the jail.
                 files["/etc/resolv.conf"] = network.resolv_conf()
-            rootfs.build(contain.root_of(self.spec, name), runtime.entries, files)
+            root = contain.root_of(self.spec, name)
+            rootfs.build(root, runtime.entries, files)
+            self.mount_namespaces[name] = rootfs.prebuild(root)
         for runtime in self.spec.runtimes.values():
             if not runtime.template:
                 for module in runtime.warm_modules:
@@ -208,7 +213,8 @@ def _enter_jail(
     runner = runtimes.get(runtime.runner)
     contain.contain(
         spec,
-        contain.root_of(spec, spec.root_name(order.runtime)),
+        zygote.mount_namespaces[spec.root_name(order.runtime)],
+        list(zygote.mount_namespaces.values()),
         order.uid,
         zygote.programs[order.runtime, order.network],
         lambda spec: runner.prepare(spec, runtime),

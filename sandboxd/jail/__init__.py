@@ -6,9 +6,10 @@ Processes (all forked, none exec'd except node):
 
   daemon (trio, root) ── control socket ──▶ zygote (root, warm interpreter)
       zygote: own mount namespace holding the read-only root templates
-      (rootfs.py) and an empty network namespace (namespaces.py);
-      seccomp programs compiled once (seccomp.py). It never holds a client
-      or listening socket: it is spawned with only its control socket.
+      (rootfs.py), and per root a prebuilt mount namespace pivoted into it (old
+      root detached), held by an nsfs fd; an empty network namespace
+      (namespaces.py); seccomp programs compiled once (seccomp.py). It never
+      holds a client or listening socket: it is spawned with only its control socket.
   zygote ──clone──▶ template (root, runtimes/template.py), one per runtime whose warm
       modules are imported apart (the data-science one: [python3] warm_modules);
       the same otherwise; clones that runtime's workers
@@ -16,13 +17,14 @@ Processes (all forked, none exec'd except node):
       clone(CLONE_PARENT, libc.clone) makes the worker (and the template) a
       child of the daemon, which waits for it itself (wait4 on its pidfd) and
       kills it through that pidfd: no process stands between them, and a
-      zygote that dies leaves the runs in flight alone. New mount, pid, ipc,
-      uts namespaces, and net for a worker without network (its own); a
-      worker with network joins the egress namespace instead (network.py).
+      zygote that dies leaves the runs in flight alone. New pid, ipc, uts
+      namespaces, and net for a worker without network (its own); a worker
+      with network joins the egress namespace instead (network.py).
       The zygote moves it into its cgroups (cgroup.py, scope.py), then lets it
       go. The worker enters the jail in this order, failing closed at any step:
+      setns into its root's prebuilt mount namespace, every prebuilt
+      namespace's fd closed, unshare a private copy, private tmpfs /tmp;
       fds 0/1/2 = job/stdout/stderr pipes, 3 = readiness pipe, rest closed;
-      private tmpfs /tmp; pivot_root into the root, old root detached;
       hostname; setsid; rlimits (config maxima);
       identity (bounding set cleared, no groups, uid/gid from the pool);
       no_new_privs, not dumpable, parent-death signal (the daemon's main
@@ -101,5 +103,5 @@ class JailSpec(msgspec.Struct, frozen=True):
     proxy_env: dict[str, str] = msgspec.field(default_factory=dict)
 
     def root_name(self, runtime: str) -> str:
-        """The root template a runtime's workers pivot into (jail/contain.root_of)."""
+        """The root template a runtime's workers live in (jail/contain.root_of)."""
         return self.runtimes[runtime].root or runtime

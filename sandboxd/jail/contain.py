@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import NoReturn
 
 from sandboxd.jail import JailSpec, identity, libc, rlimits, rootfs, seccomp
@@ -21,13 +21,15 @@ SETUP_FAILED_EXIT = 111
 
 
 def root_of(spec: JailSpec, language: str) -> str:
-    """Where the zygote builds a language's read-only root template."""
+    """Where the zygote builds a language's read-only root template (prebuilt into a
+    mount namespace of its own, rootfs.prebuild, which is what workers enter)."""
     return os.path.join(spec.runtime_dir, f"root-{language}")
 
 
 def contain(
     spec: JailSpec,
-    root: str,
+    namespace: int,
+    prebuilt: Collection[int],
     uid: int,
     program: bytes,
     prepare: Callable[[JailSpec], None],
@@ -37,20 +39,23 @@ def contain(
     ready_w: int,
 ) -> NoReturn:
     """Jail this process, then hand over to its runtime (prepare, then start, which
-    reports ready on READY_FD and runs one job). Never returns."""
+    reports ready on READY_FD and runs one job). `namespace` is the nsfs fd of its
+    root's prebuilt mount namespace, `prebuilt` every such fd it holds. Never returns."""
     report_fd = ready_w
     step = "start"
     try:
         # Until the zygote has put us into our cgroups; end-of-file: it died first.
         if os.read(go_r, 1) != b"g":
             raise RuntimeError("not placed in its cgroups (the zygote is gone)")
+        # First, so that the prebuilt namespaces' fds are closed by name before the
+        # fds step; its closerange is a second line, not the only one.
+        step = "filesystem"
+        rootfs.enter(namespace, prebuilt, spec.tmp_size_mb, uid)
         step = "fds"
         for target, fd in enumerate((*stdio, ready_w)):
             os.dup2(fd, target, inheritable=target < READY_FD)
         report_fd = READY_FD
         os.closerange(READY_FD + 1, 1 << 20)
-        step = "filesystem"
-        rootfs.enter(root, spec.tmp_size_mb, uid)
         step = "hostname"
         libc.sethostname(spec.hostname)
         step = "session"

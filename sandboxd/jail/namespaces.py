@@ -1,12 +1,15 @@
-"""Namespaces: the zygote's own (mount, network) and each worker's (mount, pid, ipc, uts,
-and for a worker without network its own network namespace)."""
+"""Namespaces: the zygote's own (mount, network) and each worker's (pid, ipc, uts, and
+for a worker without network its own network namespace; its mount namespace is a
+private copy of its root's prebuilt one, made by rootfs.enter)."""
 
 from __future__ import annotations
 
 from sandboxd.jail import libc
 
-# The zygote clones each worker into these (pid 1 of the new pid ns).
-WORKER_NAMESPACES = libc.CLONE_NEWNS | libc.CLONE_NEWPID | libc.CLONE_NEWIPC | libc.CLONE_NEWUTS
+# The zygote clones each worker into these (pid 1 of the new pid ns). Not CLONE_NEWNS:
+# a copy of the zygote's namespace (every root template and the host's root) would
+# only be detached again; the worker unshares a copy of its root's prebuilt one.
+WORKER_NAMESPACES = libc.CLONE_NEWPID | libc.CLONE_NEWIPC | libc.CLONE_NEWUTS
 
 
 def isolate_zygote() -> None:

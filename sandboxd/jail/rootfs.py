@@ -1,14 +1,19 @@
-"""The read-only root a worker pivots into.
+"""The read-only root a worker lives in.
 
 python_entries(), node_entries(): in the daemon, once: which host paths a language's
 root holds
 (the runtime, the shared libraries it links, tz data, dependencies).
 build(): in the zygote's private mount namespace, once: a tmpfs with those
 paths bind-mounted read-only, a minimal /dev and /etc, then made read-only.
-enter(): in each worker: a private size-capped tmpfs on /tmp, then pivot_root
-into the root and detach the old one, so the host's root is not in the worker's
-mount namespace at all: no directory fd, whoever opened it, leads to the host
-by fchdir and `..` (chroot alone would leave the host's tree one `..` away).
+prebuild(): in the zygote, once per root: a mount namespace already pivoted into
+that root with the old root detached, so it holds that root's mounts and nothing
+else (the host's root is not in it at all: no directory fd, whoever opened it,
+leads to the host by fchdir and `..`, as it would after chroot alone); pinned by
+an nsfs fd.
+enter(): in each worker: setns into its root's prebuilt namespace, close every
+prebuilt namespace's fd, unshare a private copy of it, and mount a private
+size-capped tmpfs on /tmp there. A copy of those few mounts is cheaper than
+copying the zygote's whole namespace and detaching it in every worker.
 """
 
 from __future__ import annotations
@@ -196,20 +201,49 @@ def build(root: str, entries: Iterable[RootEntry], files: dict[str, bytes]) -> N
     )
 
 
-def enter(root: str, tmp_size_mb: int, uid: int) -> None:
-    """Give the worker a private /tmp owned by it, make `root` its mount namespace's
-    root (pivot_root, then detach the old root) and cd to /tmp. Call in the
-    worker's own mount namespace, whose mounts are private (namespaces.py)."""
+def prebuild(root: str) -> int:
+    """A mount namespace whose root is the built root `root`, its old root detached and
+    every mount private; returns an nsfs fd (close-on-exec) that keeps it alive.
+    Call in the zygote (single-threaded, in its own private namespace), which comes
+    back to its namespace and working directory."""
+    home = os.open("/proc/self/ns/mnt", os.O_RDONLY)
+    here = os.open(".", os.O_RDONLY | os.O_DIRECTORY)
+    # Opened here: once the old root is detached there is no /proc to open it from.
+    proc = os.open("/proc", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        libc.unshare(libc.CLONE_NEWNS)
+        try:
+            os.chdir(root)
+            # With new_root == put_old the old root is stacked on top of the new one
+            # at "/", from where it is detached; no directory for it is needed.
+            libc.pivot_root(".", ".")
+            libc.umount2(".", libc.MNT_DETACH)
+            # Already private (the zygote's namespace is); said here so that no mount
+            # of a worker's copy can propagate back, whatever the zygote's was.
+            libc.mount("none", "/", None, libc.MS_REC | libc.MS_PRIVATE)
+            return os.open("self/ns/mnt", os.O_RDONLY, dir_fd=proc)
+        finally:
+            libc.setns(home, libc.CLONE_NEWNS)
+            os.fchdir(here)
+    finally:
+        for fd in (home, here, proc):
+            os.close(fd)
+
+
+def enter(namespace: int, prebuilt: Iterable[int], tmp_size_mb: int, uid: int) -> None:
+    """Move into a private copy of the prebuilt mount namespace `namespace` (setns,
+    then unshare), with a private /tmp owned by `uid`, and cd to /tmp. Every fd in
+    `prebuilt` (all the prebuilt namespaces this process holds) is closed as soon as
+    the setns is done, before anything else: no later step depends on closing them."""
+    libc.setns(namespace, libc.CLONE_NEWNS)
+    for fd in prebuilt:
+        os.close(fd)
+    libc.unshare(libc.CLONE_NEWNS)
     libc.mount(
         "sandboxd-tmp",
-        root + "/tmp",
+        "/tmp",
         "tmpfs",
         libc.MS_NOSUID | libc.MS_NODEV,
         f"size={tmp_size_mb}m,mode=0700,uid={uid},gid={uid},nr_inodes=16k",
     )
-    os.chdir(root)
-    # With new_root == put_old the old root is stacked on top of the new one at
-    # "/", from where it is detached; no directory for it is needed in the root.
-    libc.pivot_root(".", ".")
-    libc.umount2(".", libc.MNT_DETACH)
     os.chdir("/tmp")

@@ -5,11 +5,13 @@ The zygote stays plain (the stdlib only): a 100 MB template makes every fork and
 every worker exit slower, which plain runs should not pay. The template is forked
 from the zygote after its preparation, so it holds the zygote's root templates
 (among them its runtime's own: for data science, the python3 root plus Debian's
-numpy, pandas and matplotlib) and seccomp programs. In a mount namespace of its own
-it imports the modules chrooted into its runtime's root, so they are loaded from
-where a worker finds them (the synced environment first, then Debian's), runs the
-WARM_UP table, and then serves spawn orders that the zygote relays to it over a
-seqpacket socket, answering with the worker's fds the zygote passes on.
+numpy, pandas and matplotlib), the fd of that root's prebuilt mount namespace
+(jail/rootfs.py prebuild; it closes the other roots') and seccomp programs. In a
+mount namespace of its own it imports the modules chrooted into its runtime's
+root, so they are loaded from where a worker finds them (the synced environment
+first, then Debian's), runs the WARM_UP table, and then serves spawn orders that
+the zygote relays to it over a seqpacket socket, answering with the worker's fds
+the zygote passes on.
 
 Trust: the admin chose these packages, so their import-time code runs as root in
 the template before any user code, like the zygote's own. No caller-supplied code
@@ -171,6 +173,12 @@ def _serve(zygote: Zygote, name: str, sock: socket.socket) -> NoReturn:
         for pidfd in zygote.template_pidfds:
             os.close(pidfd)
         zygote.templates, zygote.template_pidfds = {}, []
+        # Its workers enter only its root's prebuilt mount namespace: the others' go.
+        own = zygote.spec.root_name(name)
+        for root, fd in zygote.mount_namespaces.items():
+            if root != own:
+                os.close(fd)
+        zygote.mount_namespaces = {own: zygote.mount_namespaces[own]}
         for problem in prepare(zygote, name):
             print(f"sandboxd template: warm modules: {problem}", file=sys.stderr)
         reseed_after_fork()

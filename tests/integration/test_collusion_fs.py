@@ -82,32 +82,35 @@ def _workers_of(daemon: Daemon) -> dict[int, str]:
     return found
 
 
-# Run on the host as root: enter a process's mount namespace (setns sets the root
-# to that namespace's root, whatever the process chrooted to) and print the
-# namespace's whole mount table, read through the host's /proc opened before.
+# Run on the host as root: enter a mount namespace (argv[1]: a process's
+# /proc/PID/ns/mnt, or an nsfs fd under /proc/PID/fd; setns sets the root to that
+# namespace's root, whatever the process chrooted to) and print the namespace's
+# whole mount table, read through the host's /proc opened before.
 # /proc/PID/mountinfo alone would not do: it hides mounts outside the process's
 # root, so a chrooted worker's table looks clean while the host's root is there.
 WHOLE_MOUNT_TABLE = """
 import ctypes, os, sys
 proc = os.open("/proc", os.O_RDONLY | os.O_DIRECTORY)
-namespace = os.open(f"/proc/{sys.argv[1]}/ns/mnt", os.O_RDONLY)
+namespace = os.open(sys.argv[1], os.O_RDONLY)
 if ctypes.CDLL(None, use_errno=True).setns(namespace, 0x00020000) != 0:  # CLONE_NEWNS
     sys.exit("setns: " + os.strerror(ctypes.get_errno()))
 table = os.open("self/mountinfo", os.O_RDONLY, dir_fd=proc)
-sys.stdout.write(os.read(table, 1 << 20).decode())
+with os.fdopen(table, "rb") as whole:  # read() to the end: one read(2) gives a page
+    sys.stdout.write(whole.read().decode())
 """
 
 
-def _mount_table(pid: int) -> list[list[str]] | None:
-    """The whole mount table of `pid`'s mount namespace; None if it has exited."""
+def mount_table(namespace: str) -> list[list[str]] | None:
+    """The whole mount table of the mount namespace at path `namespace` (see
+    WHOLE_MOUNT_TABLE); None if that path is gone (its process exited or closed it)."""
     done = subprocess.run(
-        [sys.executable, "-I", "-c", WHOLE_MOUNT_TABLE, str(pid)],
+        [sys.executable, "-I", "-c", WHOLE_MOUNT_TABLE, namespace],
         capture_output=True,
         text=True,
         check=False,
     )
     if done.returncode != 0:
-        assert not Path(f"/proc/{pid}").exists(), done.stderr  # only a worker gone may fail
+        assert not Path(namespace).exists(), done.stderr  # only a worker gone may fail
         return None
     return [line.split() for line in done.stdout.splitlines()]
 
@@ -126,7 +129,7 @@ def test_no_worker_has_the_host_root_in_its_mount_namespace(daemon: Daemon) -> N
     names: dict[int, str] = {}
     while any(thread.is_alive() for thread in sleepers):  # every worker seen meanwhile
         for pid, name in _workers_of(daemon).items():
-            if pid not in tables and (table := _mount_table(pid)) is not None:
+            if pid not in tables and (table := mount_table(f"/proc/{pid}/ns/mnt")) is not None:
                 names[pid] = name
                 tables[pid] = table
     for thread in sleepers:
