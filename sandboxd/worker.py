@@ -52,7 +52,15 @@ class Output:
 
 
 class WorkerHandle:
-    """The daemon's handle on one jailed worker, its child: its pipes and a pidfd."""
+    """The daemon's handle on one jailed worker, its child: its pipes and a pidfd.
+
+    A run is one task waiting on one fd: an epoll fd of the run's own holding the
+    stdout/stderr pipes until their end of file, the pidfd until the worker is
+    reaped, and the job pipe while stdin is still being fed (a job that fits in
+    the pipe is written at once and the pipe closed). Each readiness costs one
+    read or write, so a flood cannot keep the task from its next checkpoint, and
+    the deadline bounds every wait.
+    """
 
     def __init__(
         self,
@@ -64,30 +72,37 @@ class WorkerHandle:
         cgroup: RunCgroup | None,
         on_close: Callable[[], None],
     ) -> None:
-        job_w, out_r, err_r, self._ready_r, self._pidfd = fds
+        self._job_w, self._out_r, self._err_r, self._ready_r, self._pidfd = fds
+        # Never block the event loop on a pipe, whoever else holds its other end.
+        for fd in (self._job_w, self._out_r, self._err_r):
+            os.set_blocking(fd, False)
         self.worker_id = worker_id
         self.language = language
         self.uid = uid
         self.cgroup = cgroup
-        self._job = trio.lowlevel.FdStream(job_w)
-        self._out = trio.lowlevel.FdStream(out_r)
-        self._err = trio.lowlevel.FdStream(err_r)
         self._spawned_pid = pid
+        # What is left of the job to write to the job pipe.
+        self._unsent = memoryview(b"")
         self.exited: Exited | None = None
         # The worker's pid in the host's pid namespace, once it is ready.
         self.pid: int | None = None
         # Tells the worker's generation that one fewer of its workers is alive.
         self._on_close = on_close
 
-    async def _reap(self, setup_error: str = "") -> Exited:
-        """Until the worker has exited (its pidfd), then its wait4 status and rusage.
+    def _reap_now(self, setup_error: str = "") -> bool:
+        """Reap the worker if it has exited (wait4 status and rusage); True if it was.
         The daemon is its parent and has not reaped it, so its pid is still its own."""
-        while True:
-            await trio.lowlevel.wait_readable(self._pidfd)
-            pid, status, usage = os.wait4(self._spawned_pid, os.WNOHANG)
-            if pid:
-                break
+        pid, status, usage = os.wait4(self._spawned_pid, os.WNOHANG)
+        if not pid:
+            return False
         self.exited = Exited(status, usage.ru_utime, usage.ru_stime, usage.ru_maxrss, setup_error)
+        return True
+
+    async def _reap(self, setup_error: str = "") -> Exited:
+        """Until the worker has exited (its pidfd), then its wait4 status and rusage."""
+        while not self._reap_now(setup_error):
+            await trio.lowlevel.wait_readable(self._pidfd)
+        assert self.exited is not None
         return self.exited
 
     async def wait_ready(self) -> None:
@@ -106,12 +121,15 @@ class WorkerHandle:
         reason = exited.setup_error or f"worker {status} before it was ready"
         raise ProtocolError("internal", f"worker setup failed: {reason}")
 
-    async def kill(self) -> None:
+    def _kill(self) -> None:
         if self.exited is None:
             try:
                 signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
             except ProcessLookupError:
                 pass  # exited already, not reaped yet
+
+    async def kill(self) -> None:
+        self._kill()
 
     def gone(self) -> bool:
         """Whether a ready worker has exited since (e.g. it was killed)."""
@@ -119,33 +137,80 @@ class WorkerHandle:
         poller.register(self._pidfd, select.POLLIN)
         return bool(poller.poll(0))
 
+    def _close_pipes(self) -> None:
+        # No trio task waits on these (only the run's own epoll fd holds them), so
+        # closing needs no notify_closing; closing also drops them from that epoll fd.
+        for fd in (self._job_w, self._out_r, self._err_r):
+            if fd >= 0:
+                os.close(fd)
+        self._job_w = self._out_r = self._err_r = -1
+
     async def close(self) -> None:
-        for stream in (self._job, self._out, self._err):
-            await stream.aclose()
+        self._close_pipes()
         for fd in (self._ready_r, self._pidfd):
             if fd >= 0:
                 os.close(fd)
         self._ready_r = self._pidfd = -1
         self._on_close()
 
-    async def _feed(self, payload: bytes) -> None:
+    def _feed(self) -> None:
+        """Write what the job pipe takes now; close it once the job is written or the
+        code exited without reading all its stdin."""
         try:
-            await self._job.send_all(payload)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # the code exited without reading all its stdin
-        finally:
-            await self._job.aclose()
+            self._unsent = self._unsent[os.write(self._job_w, self._unsent) :]
+        except BlockingIOError:
+            return
+        except BrokenPipeError:
+            self._unsent = memoryview(b"")
+        if not self._unsent:
+            os.close(self._job_w)
+            self._job_w = -1
 
-    async def _drain(self, stream: trio.lowlevel.FdStream, sink: bytearray, output: Output) -> None:
-        while chunk := await stream.receive_some(READ_CHUNK):
-            room = output.room()
-            if len(chunk) > room:
-                sink += chunk[: max(room, 0)]
-                if not output.exceeded:
-                    output.exceeded = True
-                    await self.kill()
+    def _drain(self, fd: int, output: Output) -> None:
+        """One read of a ready output pipe into its share of the cap (the worker is
+        killed past it); its end of file closes it."""
+        try:
+            chunk = os.read(fd, READ_CHUNK)
+        except BlockingIOError:
+            return
+        if not chunk:
+            os.close(fd)
+            if fd == self._out_r:
+                self._out_r = -1
             else:
-                sink += chunk
+                self._err_r = -1
+            return
+        sink = output.stdout if fd == self._out_r else output.stderr
+        room = output.room()
+        if len(chunk) > room:
+            sink += chunk[: max(room, 0)]
+            if not output.exceeded:
+                output.exceeded = True
+                self._kill()
+        else:
+            sink += chunk
+
+    def _drained(self) -> bool:
+        return self._out_r < 0 and self._err_r < 0
+
+    def _reaped(self) -> bool:
+        return self.exited is not None
+
+    async def _serve(self, events: select.epoll, output: Output, done: Callable[[], bool]) -> None:
+        """Feed stdin, drain the output and reap the worker as the kernel reports each
+        ready, until done()."""
+        while not done():
+            await trio.lowlevel.wait_readable(events.fileno())
+            for fd, _ in events.poll(0):
+                if fd == self._job_w:
+                    self._feed()
+                elif fd == self._pidfd:
+                    if self._reap_now():
+                        # Reaped: the pidfd has nothing more to say (closing drops it).
+                        os.close(self._pidfd)
+                        self._pidfd = -1
+                elif fd in (self._out_r, self._err_r):
+                    self._drain(fd, output)
 
     async def run(
         self,
@@ -166,27 +231,32 @@ class WorkerHandle:
             files=job.files,
             boundary=boundary,
         )
-        payload = control.frame_job(header) + job.stdin.encode()
         output = Output(output_cap)
         started = trio.current_time()
         timed_out = False
-        drained = trio.Event()
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._feed, payload)
-            nursery.start_soon(self._drain_all, output, drained)
+        events = select.epoll()
+        try:
+            for fd in (self._out_r, self._err_r, self._pidfd):
+                events.register(fd, select.EPOLLIN)
+            self._unsent = memoryview(control.frame_job(header) + job.stdin.encode())
+            self._feed()
+            if self._job_w >= 0:  # stdin larger than the pipe: fed as the worker reads it
+                events.register(self._job_w, select.EPOLLOUT)
             with trio.move_on_at(deadline):
-                await self._reap()
+                await self._serve(events, output, self._reaped)
             if self.exited is None:
                 timed_out = True
-                await self.kill()
+                self._kill()
                 with trio.fail_after(KILL_GRACE):
-                    await self._reap()
+                    await self._serve(events, output, self._reaped)
             # What the run wrote before it exited is in the pipes already: read it
             # all, however late a killed worker was reaped.
             with trio.move_on_at(max(deadline, trio.current_time()) + OUTPUT_GRACE):
-                await drained.wait()
-            held_open = not drained.is_set()
-            nursery.cancel_scope.cancel()  # stop feeding and reading: invariant 18
+                await self._serve(events, output, self._drained)
+            held_open = not self._drained()
+        finally:
+            events.close()
+            self._close_pipes()  # stop feeding and reading: invariant 18
         wall_ms = (trio.current_time() - started) * 1000
         assert self.exited is not None
         split = artifacts.split(bytes(output.stdout), boundary)
@@ -205,12 +275,6 @@ class WorkerHandle:
             artifacts_truncated=split.truncated,
         )
         return verdict.judge(request_id, facts)
-
-    async def _drain_all(self, output: Output, drained: trio.Event) -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._drain, self._out, output.stdout, output)
-            nursery.start_soon(self._drain, self._err, output.stderr, output)
-        drained.set()
 
     async def wait_exit(self) -> None:
         """Until the worker has exited and is reaped (a worker retired without a run)."""

@@ -80,25 +80,37 @@ def _write(path: str, value: str) -> None:
         handle.write(value)
 
 
+# Counter files are a few lines; one read of this much takes each whole.
+_COUNTERS_MAX = 8192
+
+
+def _read_small(path: str) -> str | None:
+    """A small cgroup file in one read: open, read, close (three system calls, where a
+    Python file object adds fstat, ioctl, lseek and an end-of-file read); None if absent."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        return os.read(fd, _COUNTERS_MAX).decode()
+    finally:
+        os.close(fd)
+
+
 def _read_keyed(path: str) -> dict[str, int]:
     """A flat keyed file (memory.events, cpu.stat, memory.oom_control) as a dict."""
     values: dict[str, int] = {}
-    try:
-        with open(path) as handle:
-            for line in handle:
-                key, _, value = line.partition(" ")
-                if value.strip().lstrip("-").isdigit():
-                    values[key] = int(value)
-    except FileNotFoundError:
-        pass
+    for line in (_read_small(path) or "").splitlines():
+        key, _, value = line.partition(" ")
+        if value.strip().lstrip("-").isdigit():
+            values[key] = int(value)
     return values
 
 
 def _read_int(path: str) -> int | None:
     try:
-        with open(path) as handle:
-            return int(handle.read().strip())
-    except (FileNotFoundError, ValueError):
+        return int((_read_small(path) or "").strip())
+    except ValueError:
         return None
 
 

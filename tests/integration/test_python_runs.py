@@ -30,6 +30,27 @@ def test_stdin_reaches_the_code(daemon: Daemon) -> None:
     assert answer["stdout"] == "SOME INPUT\n"
 
 
+def test_stdin_past_the_pipe_is_fed_while_the_output_drains(daemon: Daemon) -> None:
+    # 1 MiB out and err before any stdin is read, then 1 MiB of stdin: both directions
+    # are past a pipe's 64 KiB, so feeding stdin first, or draining only after it, stalls.
+    code = (
+        "import sys\n"
+        "sys.stdout.write('o' * (1 << 20)); sys.stdout.flush()\n"
+        "sys.stderr.write('e' * (1 << 20)); sys.stderr.flush()\n"
+        "print(len(sys.stdin.read()))\n"
+    )
+    answer = daemon.run(code, stdin="i" * (1 << 20), timeout=20)
+    assert answer["status"] == "ok", answer["message"]
+    assert answer["stdout"] == "o" * (1 << 20) + f"{1 << 20}\n"
+    assert answer["stderr"] == "e" * (1 << 20)
+
+
+def test_code_that_never_reads_a_large_stdin_still_answers(daemon: Daemon) -> None:
+    answer = daemon.run("print('done')", stdin="i" * (1 << 20))
+    assert answer["status"] == "ok"
+    assert answer["stdout"] == "done\n"
+
+
 def test_unicode_in_and_out(daemon: Daemon) -> None:
     answer = daemon.run("s = 'héllo, 世界 🌍'; print(s); print(len(s))")
     assert answer["stdout"] == "héllo, 世界 🌍\n11\n"
