@@ -1,12 +1,13 @@
 """Debian's packaged Python modules in a jail: offline defaults without pip.
 
-A profile names Debian packages (a table below). At start-up and on reload the
-daemon asks dpkg which of them are installed, follows their python3-*
-dependencies, and binds read-only into the jail only what those packages own
-directly under /usr/lib/python3/dist-packages (module directories, single-file
-modules, their .egg-info/.dist-info), at the same path, plus the shared
-libraries their extension modules link, the profile's data paths (DATA) and the
-targets of the symlinks in all of these. The rest of dist-packages (the
+A profile names Debian packages (a table below). At start-up, and on a reload
+after the host's packages changed (jail/hostscan.py), the daemon asks dpkg which
+of them are installed, follows their python3-* dependencies, and binds read-only
+into the jail only what those packages own directly under
+/usr/lib/python3/dist-packages (module directories, single-file modules, their
+.egg-info/.dist-info), at the same path, plus the shared libraries their
+extension modules link, the profile's data paths (DATA) and the targets of the
+symlinks in all of these. The rest of dist-packages (the
 daemon's own pystemd, seccomp, ...) does not exist in the jail.
 
 The "python3" profile is in every python3 jail; the "science" profile only in the
@@ -18,13 +19,12 @@ import-time code runs as root in the data-science template before any user code.
 
 from __future__ import annotations
 
-import functools
 import os
 import re
 import subprocess
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable
 
-from sandboxd.jail import RootEntry, rootfs
+from sandboxd.jail import RootEntry, hostscan, rootfs
 
 DIST_PACKAGES = "/usr/lib/python3/dist-packages"
 
@@ -35,7 +35,11 @@ PROFILES: dict[str, tuple[str, ...]] = {
     "python3": ("python3-jinja2", "python3-requests", "python3-httpx"),
     # The data-science pools' warm modules ([python3] warm_modules): numpy links
     # libblas3/liblapack3 (OpenBLAS), matplotlib pulls in python3-pil and its image
-    # libraries; all found by dpkg and ldd, none listed here.
+    # libraries; all found by dpkg and ldd, none listed here. python3-fonttools'
+    # Depends bring python3-sympy and python3-scipy (first of "scipy | munkres"):
+    # neither warm module imports them (matplotlib uses fontTools for PDF/PS font
+    # subsetting only), but runs of these pools import them, so they stay; with the
+    # scans kept (jail/hostscan.py) their cost is paid at start, not on every reload.
     "science": ("python3-numpy", "python3-pandas", "python3-matplotlib"),
 }
 
@@ -137,6 +141,15 @@ def link_targets(paths: Iterable[str]) -> list[str]:
     return sorted(targets)
 
 
+def _profile_scan(profile: str) -> Hashable:
+    """What root_entries' answer depends on besides the host's packages (the files
+    under dist-packages change only with dpkg's status: Debian's pip installs under
+    /usr/local)."""
+    data = DATA.get(profile, ())
+    return profile, PROFILES.get(profile, ()), data, tuple(map(os.path.exists, data))
+
+
+@hostscan.memoized(_profile_scan)
 def root_entries(profile: str) -> list[RootEntry]:
     """What a profile's jail root needs for its Debian packages: their top-level paths,
     its data paths, the targets of the links in them, and the host libraries their
@@ -150,30 +163,10 @@ def root_entries(profile: str) -> list[RootEntry]:
     for path in paths:
         for parent, _, files in os.walk(path):  # nothing for a file
             modules.extend(os.path.join(parent, name) for name in files if ".so" in name)
-    outside = sorted(
-        lib for lib in _linked(_versions(modules)) if not lib.startswith(DIST_PACKAGES + "/")
-    )
-    return entries + [RootEntry(lib, "file") for lib in outside]
-
-
-def _versions(paths: Iterable[str]) -> tuple[tuple[str, int, int], ...]:
-    """Each path that exists with its mtime and size: what _linked's cache is keyed by."""
-    found = []
-    for path in sorted(set(paths)):
-        try:
-            st = os.stat(path)
-        except OSError:
-            continue
-        found.append((path, st.st_mtime_ns, st.st_size))
-    return tuple(found)
-
-
-@functools.lru_cache(maxsize=4)
-def _linked(modules: tuple[tuple[str, int, int], ...]) -> frozenset[str]:
-    """The host libraries the extension modules link, their directory resolved and the
-    name kept (the loader looks them up by it). ldd of some hundred modules takes
-    seconds (minutes under emulation), so a reload with unchanged files reuses it."""
-    return frozenset(
+    # The libraries' directory resolved and the name kept: the loader looks them up by it.
+    linked = {
         os.path.join(os.path.realpath(os.path.dirname(lib)), os.path.basename(lib))
-        for lib in rootfs.shared_libraries(path for path, _, _ in modules)
-    )
+        for lib in rootfs.shared_libraries(modules)
+    }
+    outside = sorted(lib for lib in linked if not lib.startswith(DIST_PACKAGES + "/"))
+    return entries + [RootEntry(lib, "file") for lib in outside]

@@ -18,15 +18,16 @@ copying the zygote's whole namespace and detaching it in every worker.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import re
 import subprocess
 import sys
 import sysconfig
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable
 
-from sandboxd.jail import RootEntry, libc
+from sandboxd.jail import RootEntry, hostscan, libc
 
 # Device nodes a run may open (invariant 5).
 DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom")
@@ -66,14 +67,53 @@ RO_FLAGS = libc.MS_BIND | libc.MS_REMOUNT | libc.MS_RDONLY | libc.MS_NOSUID | li
 
 
 def shared_libraries(binaries: Iterable[str]) -> set[str]:
-    """Every shared library (and the loader) the given ELF files link, via ldd."""
-    files = sorted(set(binaries))
-    if not files:
-        return set()
-    out = subprocess.run(
-        ["ldd", *files], capture_output=True, text=True, check=False, env={"LC_ALL": "C"}
-    ).stdout
-    return {m.group(1) for m in _LDD_PATH.finditer(out)}
+    """Every shared library (and the loader) the given ELF files link, via ldd; a
+    file's answer is kept while nothing it depends on changed (hostscan.PerFile)."""
+    return set().union(*_linked(binaries).values())
+
+
+def _ldd(files: list[str]) -> dict[str, frozenset[str]]:
+    """file -> the libraries ldd names for it (nothing for a file that is not ELF).
+    ldd runs the loader once per file, so the files of a first scan (hundreds of
+    extension modules) are split over one ldd per CPU."""
+    width = os.cpu_count() or 1
+    size = max(1, -(-len(files) // width))
+    batches = [files[i : i + size] for i in range(0, len(files), size)]
+    found: dict[str, frozenset[str]] = {}
+    with contextlib.ExitStack() as stack:
+        running = [(batch, stack.enter_context(_start_ldd(batch))) for batch in batches]
+        for batch, process in running:
+            out, _ = process.communicate()
+            found.update(_ldd_answers(batch, out))
+    return found
+
+
+def _start_ldd(files: list[str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        ["ldd", *files],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env={"LC_ALL": "C"},
+    )
+
+
+def _ldd_answers(files: list[str], out: str) -> dict[str, frozenset[str]]:
+    """Split ldd's output per file: with several files it heads each one's lines with
+    its name and a colon, in the order given."""
+    answers: dict[str, set[str]] = {path: set() for path in files}
+    heads = iter(files)
+    current = next(heads) if len(files) == 1 else None
+    expected = next(heads, None)
+    for line in out.splitlines():
+        if expected is not None and line == expected + ":":
+            current, expected = expected, next(heads, None)
+        elif current is not None:
+            answers[current].update(m.group(1) for m in _LDD_PATH.finditer(line))
+    return {path: frozenset(libs) for path, libs in answers.items()}
+
+
+_linked = hostscan.PerFile(_ldd)
 
 
 def _file_entries(paths: Iterable[str]) -> list[RootEntry]:
@@ -85,6 +125,12 @@ def _file_entries(paths: Iterable[str]) -> list[RootEntry]:
     return entries
 
 
+def _python_scan(extra_dirs: dict[str, str] | None = None) -> Hashable:
+    """What python_entries' answer depends on besides the host's packages."""
+    return hostscan.directories(extra_dirs or {})
+
+
+@hostscan.memoized(_python_scan)
 def python_entries(extra_dirs: dict[str, str] | None = None) -> list[RootEntry]:
     """The host's python3 installation (not the daemon's venv), its libraries and data,
     and `extra_dirs` (host directory -> path in the jail), e.g. the dependencies."""
@@ -123,6 +169,13 @@ def _extension_modules(directories: Iterable[str]) -> list[str]:
     return found
 
 
+def _node_scan(node: str, extra_dirs: dict[str, str] | None = None) -> Hashable:
+    """What node_entries' answer depends on besides the host's packages."""
+    binary = os.path.realpath(node)
+    return binary, hostscan.stamp(binary), hostscan.directories(extra_dirs or {})
+
+
+@hostscan.memoized(_node_scan)
 def node_entries(node: str, extra_dirs: dict[str, str] | None = None) -> list[RootEntry]:
     """The node binary, the libraries it links, the JavaScript files its build loads at
     start-up (externalized builtins), and `extra_dirs` (host -> jail path)."""
