@@ -12,8 +12,8 @@ leads to the host by fchdir and `..`, as it would after chroot alone); pinned by
 an nsfs fd.
 enter(): in each worker: setns into its root's prebuilt namespace, close every
 prebuilt namespace's fd, unshare a private copy of it, and mount a private
-size-capped tmpfs on /tmp there. A copy of those few mounts is cheaper than
-copying the zygote's whole namespace and detaching it in every worker.
+size-capped tmpfs on /tmp there. A copy of its root's mounts alone is cheaper than
+a copy of the zygote's whole namespace (every root) detached again in every worker.
 """
 
 from __future__ import annotations
@@ -286,8 +286,9 @@ def prebuild(root: str) -> int:
 def enter(namespace: int, prebuilt: Iterable[int], tmp_size_mb: int, uid: int) -> None:
     """Move into a private copy of the prebuilt mount namespace `namespace` (setns,
     then unshare), with a private /tmp owned by `uid`, and cd to /tmp. Every fd in
-    `prebuilt` (all the prebuilt namespaces this process holds) is closed as soon as
-    the setns is done, before anything else: no later step depends on closing them."""
+    `prebuilt` (all the prebuilt namespaces this process holds) is closed by name as
+    soon as the setns is done, so that no later step (contain's closerange) is what
+    keeps them from a run."""
     libc.setns(namespace, libc.CLONE_NEWNS)
     for fd in prebuilt:
         os.close(fd)

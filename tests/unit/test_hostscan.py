@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from sandboxd import debianpy
+from sandboxd import daemon, debianpy
+from sandboxd.config import Config
 from sandboxd.jail import hostscan, rootfs
 
 
@@ -179,3 +180,17 @@ def test_ldd_split_over_cpus_finds_what_one_ldd_of_all_files_finds(
     ).stdout
     whole = {m[1] for m in re.finditer(r"(?:=>\s*)?(/\S+)\s+\(0x[0-9a-f]+\)", out)}
     assert whole and set().union(*rootfs._ldd(modules).values()) == whole
+
+
+def test_a_second_generation_on_an_unchanged_host_runs_no_program(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    config = Config()
+    first = daemon.build_spec(config, False)
+
+    def refuse(args: list[str], *_: object, **__: object) -> None:
+        raise AssertionError(f"a reload ran {args[0]}")
+
+    monkeypatch.setattr(subprocess, "run", refuse)  # dpkg-query
+    monkeypatch.setattr(subprocess, "Popen", refuse)  # ldd
+    assert daemon.build_spec(config, False) == first
