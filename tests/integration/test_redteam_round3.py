@@ -18,6 +18,11 @@ forgetting the bootstrap modules before "ready".
   deadline beside another request on the same connection. Each gets its verdict
   and its whole output, no answer is lost or mixed up, and afterwards the daemon
   holds the fds it held before.
+- Pools: the mount and module probes run as two plain runs, two runs of the
+  data-science template's pool (its own root, entered from the template) and one
+  of each; and across two reloads (host scans answered from hostscan's cache),
+  with a pair in flight in the retired generation, after which the daemon holds
+  no fd of that generation and no mount namespace's.
 """
 
 from __future__ import annotations
@@ -26,12 +31,14 @@ import base64
 import collections
 import json
 import os
+import signal
 import socket
 import sys
 import sysconfig
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -40,10 +47,8 @@ import sandboxd
 from sandboxd import debianpy
 from sandboxd.config import LimitsConfig
 from sandboxd.runtimes.python3 import JAIL_SITE_PACKAGES
-from tests.integration.conftest import Daemon
-from tests.integration.tenants import MARKER, Tenant, run_together
-
-ROUTES = ["native", "dify"]
+from tests.integration.conftest import Daemon, start_daemon, stop_daemon
+from tests.integration.tenants import MARKER, Answer, Tenant, run_together
 
 # --- the mount API -----------------------------------------------------------------
 
@@ -112,14 +117,41 @@ time.sleep(1)  # long enough for the other run to overlap
 """
 
 
-@pytest.mark.parametrize("route", ROUTES)
+# Which pools a pair's runs go to, and over which route: two plain runs, two of the
+# data-science template (a root of its own, entered from the template, which holds
+# its prebuilt namespace's fd), and one of each.
+PAIRS = [
+    ("plain", "plain", "native"),
+    ("plain", "plain", "dify"),
+    ("science", "science", "native"),
+    ("science", "plain", "native"),
+]
+PAIR_IDS = [f"{a}-and-{b}-{route}" for a, b, route in PAIRS]
+
+# Put ahead of a probe for the data-science pool: its first import sends the run
+# there (profiles.py), and a worker of that pool finds numpy warm.
+SCIENCE = "import sys\nwarm = 'numpy' in sys.modules\nimport numpy, pandas, matplotlib.pyplot\n"
+WARM = "print('warm', warm)\n"
+
+
+def _in_pool(pool: str, probe: str) -> Tenant:
+    return Tenant("python3", SCIENCE + probe + WARM if pool == "science" else probe)
+
+
+def _check_pool(pool: str, answer: Answer) -> None:
+    if pool == "science":
+        assert "warm True" in answer.stdout, f"not a data-science worker: {answer.raw}"
+
+
+@pytest.mark.parametrize(("first", "second", "route"), PAIRS, ids=PAIR_IDS)
 def test_two_runs_get_no_mount_api_call_and_no_namespace_but_their_own_copy(
-    daemon: Daemon, route: str
+    daemon: Daemon, first: str, second: str, route: str
 ) -> None:
     answers = run_together(
-        daemon, Tenant("python3", MOUNT_PROBE), Tenant("python3", MOUNT_PROBE), route
+        daemon, _in_pool(first, MOUNT_PROBE), _in_pool(second, MOUNT_PROBE), route
     )
-    for answer in answers:
+    for pool, answer in zip((first, second), answers, strict=True):
+        _check_pool(pool, answer)
         # Only stdio: no nsfs fd (the prebuilt namespaces' are closed by name).
         assert "mount-probed [0, 1, 2]" in answer.stdout, answer.raw
 
@@ -191,12 +223,14 @@ def _module_probe() -> str:
     )
 
 
-@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize(("first", "second", "route"), PAIRS, ids=PAIR_IDS)
 def test_two_runs_find_no_bootstrap_module_registered_or_importable(
-    daemon: Daemon, route: str
+    daemon: Daemon, first: str, second: str, route: str
 ) -> None:
-    probe = Tenant("python3", _module_probe())
-    for answer in run_together(daemon, probe, probe, route):
+    probe = _module_probe()
+    answers = run_together(daemon, _in_pool(first, probe), _in_pool(second, probe), route)
+    for pool, answer in zip((first, second), answers, strict=True):
+        _check_pool(pool, answer)
         assert "modules-probed" in answer.stdout, answer.raw
 
 
@@ -379,3 +413,43 @@ def test_a_flood_at_the_deadline_loses_no_answer_on_the_same_connection(daemon: 
     assert plain["status"] == "ok", plain
     assert plain["stdout"] == pattern + "\n"
     daemon.assert_healthy()
+
+
+# --- reloads -----------------------------------------------------------------------
+
+
+def test_reloads_with_runs_in_flight_leave_fresh_namespaces_and_no_daemon_fd(
+    tmp_path: Path,
+) -> None:
+    """Two reloads (the host scans answered from the cache the second and third time),
+    each while a pair of probes is in flight in the old generation; a pair in the new
+    one after each. Every pair finds only its own copy of its root, and after each
+    reload the daemon holds what it held before: no fd of a retired generation
+    (zygote, templates, their workers' pipes) and no mount namespace's."""
+    daemon = start_daemon(tmp_path)
+    try:
+        daemon.assert_healthy()
+        before = _settled_fds(daemon)
+        assert not [kind for kind in before if kind.startswith("mnt:")], before
+        for reload in (1, 2):
+            in_flight = ThreadPoolExecutor(1).submit(
+                run_together,
+                daemon,
+                Tenant("python3", MOUNT_PROBE),
+                _in_pool("science", MOUNT_PROBE),
+            )
+            daemon.process.send_signal(signal.SIGHUP)
+            for pool, answer in zip(("plain", "science"), in_flight.result(), strict=True):
+                _check_pool(pool, answer)
+                assert "mount-probed [0, 1, 2]" in answer.stdout, answer.raw
+            deadline = time.monotonic() + 60
+            while daemon.log_path.read_text().count("reloaded: ") < reload:
+                assert time.monotonic() < deadline, daemon.log_path.read_text()
+                time.sleep(0.1)
+            for probe in (MOUNT_PROBE, _module_probe()):
+                run_together(daemon, Tenant("python3", probe), _in_pool("science", probe))
+            after = _settled_fds(daemon, before)
+            assert after == before, f"after reload {reload}: fds before {before}, after {after}"
+    finally:
+        stop_daemon(daemon)
+    assert daemon.process.returncode == 0, daemon.log_path.read_text()
