@@ -54,12 +54,12 @@ class Output:
 class WorkerHandle:
     """The daemon's handle on one jailed worker, its child: its pipes and a pidfd.
 
-    A run is one task waiting on one fd: an epoll fd of the run's own holding the
-    stdout/stderr pipes until their end of file, the pidfd until the worker is
-    reaped, and the job pipe while stdin is still being fed (a job that fits in
-    the pipe is written at once and the pipe closed). Each readiness costs one
-    read or write, so a flood cannot keep the task from its next checkpoint, and
-    the deadline bounds every wait.
+    A run is one task waiting on one fd: an epoll fd of the worker's own (made when
+    it got ready) holding the stdout/stderr pipes until their end of file, the
+    pidfd until the worker is reaped, and the job pipe while stdin is still being
+    fed (a job that fits in the pipe is written at once and the pipe closed). Each
+    readiness costs one read or write, so a flood cannot keep the task from its
+    next checkpoint, and the deadline bounds every wait.
     """
 
     def __init__(
@@ -83,6 +83,8 @@ class WorkerHandle:
         self._spawned_pid = pid
         # What is left of the job to write to the job pipe.
         self._unsent = memoryview(b"")
+        # What the run waits on, made once the worker is ready (off the request path).
+        self._events: select.epoll | None = None
         self.exited: Exited | None = None
         # The worker's pid in the host's pid namespace, once it is ready.
         self.pid: int | None = None
@@ -115,6 +117,9 @@ class WorkerHandle:
         self._ready_r = -1
         if message == b"ok":
             self.pid = self._spawned_pid
+            self._events = select.epoll()
+            for fd in (self._out_r, self._err_r, self._pidfd):
+                self._events.register(fd, select.EPOLLIN)
             return
         exited = await self._reap(message.decode(errors="replace"))
         status = describe_status(exited.status)
@@ -138,12 +143,15 @@ class WorkerHandle:
         return bool(poller.poll(0))
 
     def _close_pipes(self) -> None:
-        # No trio task waits on these (only the run's own epoll fd holds them), so
+        # No trio task waits on these (only the worker's epoll fd holds them), so
         # closing needs no notify_closing; closing also drops them from that epoll fd.
         for fd in (self._job_w, self._out_r, self._err_r):
             if fd >= 0:
                 os.close(fd)
         self._job_w = self._out_r = self._err_r = -1
+        if self._events is not None:
+            self._events.close()
+            self._events = None
 
     async def close(self) -> None:
         self._close_pipes()
@@ -234,10 +242,9 @@ class WorkerHandle:
         output = Output(output_cap)
         started = trio.current_time()
         timed_out = False
-        events = select.epoll()
+        events = self._events
+        assert events is not None, "wait_ready() first"
         try:
-            for fd in (self._out_r, self._err_r, self._pidfd):
-                events.register(fd, select.EPOLLIN)
             self._unsent = memoryview(control.frame_job(header) + job.stdin.encode())
             self._feed()
             if self._job_w >= 0:  # stdin larger than the pipe: fed as the worker reads it
@@ -255,7 +262,6 @@ class WorkerHandle:
                 await self._serve(events, output, self._drained)
             held_open = not self._drained()
         finally:
-            events.close()
             self._close_pipes()  # stop feeding and reading: invariant 18
         wall_ms = (trio.current_time() - started) * 1000
         assert self.exited is not None
