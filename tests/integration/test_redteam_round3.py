@@ -23,6 +23,8 @@ forgetting the bootstrap modules before "ready".
   of each; and across two reloads (host scans answered from hostscan's cache),
   with a pair in flight in the retired generation, after which the daemon holds
   no fd of that generation and no mount namespace's.
+- From the host: the zygote holds one prebuilt namespace per root and each template
+  only its own root's, and runs of every kind leave every one of them unchanged.
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ from sandboxd.config import LimitsConfig
 from sandboxd.runtimes.python3 import JAIL_SITE_PACKAGES
 from tests.integration.conftest import Daemon, start_daemon, stop_daemon
 from tests.integration.tenants import MARKER, Answer, Tenant, run_together
+from tests.integration.test_collusion_fs import mount_table
+from tests.integration.test_redteam_mountns import _daemon_processes, _mounts, _namespace_fds
 
 # --- the mount API -----------------------------------------------------------------
 
@@ -453,3 +457,48 @@ def test_reloads_with_runs_in_flight_leave_fresh_namespaces_and_no_daemon_fd(
     finally:
         stop_daemon(daemon)
     assert daemon.process.returncode == 0, daemon.log_path.read_text()
+
+
+# --- the prebuilt namespaces, from the host ----------------------------------------
+
+
+def _prebuilt(daemon: Daemon) -> dict[int, dict[str, dict[str, tuple[str, str]]]]:
+    """Zygote or template pid -> the prebuilt mount namespaces it holds fds of, each
+    as its mount table (mount point -> options, propagation)."""
+    held = {}
+    for pid in _daemon_processes(daemon)[0]:
+        tables = {}
+        for inode, path in _namespace_fds(pid).items():
+            if (table := mount_table(path)) is not None:
+                tables[inode] = _mounts(table)
+        held[pid] = tables
+    return held
+
+
+def test_runs_of_every_kind_change_no_prebuilt_namespace_and_templates_hold_their_own(
+    daemon: Daemon,
+) -> None:
+    """White box: the zygote holds one prebuilt namespace per root, each template only
+    its own root's; after plain, data-science, node, timed-out and killed runs (each
+    unsharing a copy and mounting its /tmp there) every one holds the same mounts."""
+    # Once every pool has served (the data-science template is started with its pool).
+    assert daemon.run(SCIENCE + WARM)["stdout"] == "warm True\n"
+    daemon.assert_healthy()
+    before = _prebuilt(daemon)
+    counts = sorted(len(tables) for tables in before.values())
+    assert len(counts) >= 2 and counts[:-1] == [1] * (len(counts) - 1), before
+    runs = [
+        ("python3", "print('plain')", 10.0),
+        ("python3", SCIENCE + "print('science')", 10.0),
+        ("nodejs", "console.log('node')", 10.0),
+        ("python3", "import time; time.sleep(60)", 1.0),
+        ("python3", SCIENCE + "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)", 10.0),
+    ]
+    with ThreadPoolExecutor(2) as pool:
+        statuses = list(
+            pool.map(lambda run: daemon.run(run[1], run[0], timeout=run[2])["status"], runs * 2)
+        )
+    assert statuses == ["ok", "ok", "ok", "timeout", "ok"] * 2, statuses
+    after = _prebuilt(daemon)
+    assert after == before
+    daemon.assert_healthy()
