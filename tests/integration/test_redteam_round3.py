@@ -11,11 +11,11 @@ forgetting the bootstrap modules before "ready".
   stdin (read, decoded and written after the worker already forgot its bootstrap),
   look for sandboxd, msgspec, seccomp, trio or a module of the daemon's venv in
   sys.modules, among the import hooks, importable, or registered again.
-- Run path (DESIGN.md invariants 10, 17, 18): runs that exit while their stdin is
-  being fed, close or never read it, close their output early and keep running,
-  leave a stopped child holding it, exit with a megabyte unread in each output
-  pipe, print exactly the output cap or one byte past it, or flood it at their
-  deadline beside another request on the same connection. Each gets its verdict
+- Run path (DESIGN.md invariants 10, 17, 18): python3 and node runs that exit while
+  their stdin is being fed, close or never read it, close their output early and
+  keep running, leave a stopped child holding it, exit with a megabyte unread in
+  each output pipe, print exactly the output cap or one byte past it, or flood it
+  at their deadline beside another request on the same connection. Each gets its verdict
   and its whole output, no answer is lost or mixed up, and afterwards the daemon
   holds the fds it held before.
 - Pools: the mount and module probes run as two plain runs, two runs of the
@@ -268,6 +268,7 @@ class Abuse:
     status: str = "ok"
     stdout: str | None = None  # the whole stdout expected, when it is known
     stderr: str | None = None
+    language: str = "python3"
 
 
 ABUSES = {
@@ -311,6 +312,26 @@ ABUSES = {
         "os._exit(0)",
         status="output_limit",
     ),
+    # node's bootstrap, not python's, reads the job and hands the rest to process.stdin.
+    "node-exits-while-its-stdin-is-fed": Abuse(
+        "process.stdin.once('data', () => process.exit(0));", STDIN, language="nodejs"
+    ),
+    "node-never-reads-stdin-past-its-deadline": Abuse(
+        "setTimeout(() => {}, 60000);", STDIN, 1.5, "timeout", language="nodejs"
+    ),
+    "node-floods-past-the-cap-with-stdin-pending": Abuse(
+        "const fs = require('fs'), b = Buffer.alloc(65536, 120);\n"
+        "for (;;) { try { fs.writeSync(1, b); } catch (e) {} }",
+        STDIN,
+        status="output_limit",
+        language="nodejs",
+    ),
+    "node-closes-its-output-and-keeps-running": Abuse(
+        "const fs = require('fs'); fs.closeSync(1); fs.closeSync(2);\n"
+        "setTimeout(() => process.exit(0), 500);",
+        stdout="",
+        language="nodejs",
+    ),
 }
 
 
@@ -342,7 +363,7 @@ def _settled_fds(daemon: Daemon, expected: collections.Counter[str] | None = Non
 
 def _abuse(daemon: Daemon, name: str) -> tuple[str, dict[str, Any]]:
     abuse = ABUSES[name]
-    return name, daemon.run(abuse.code, stdin=abuse.stdin, timeout=abuse.timeout)
+    return name, daemon.run(abuse.code, abuse.language, stdin=abuse.stdin, timeout=abuse.timeout)
 
 
 def test_runs_that_abuse_their_pipes_get_their_verdicts_and_leak_no_daemon_fd(
