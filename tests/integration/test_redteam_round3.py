@@ -312,6 +312,13 @@ ABUSES = {
         "os._exit(0)",
         status="output_limit",
     ),
+    # The template's worker fds reach the daemon through the zygote: a copy of the job
+    # pipe's write end kept by either would keep this read from its end of file.
+    "science-reads-its-stdin-to-the-end": Abuse(
+        SCIENCE + "print(len(sys.stdin.read()))\n" + WARM,
+        STDIN,
+        stdout=f"{len(STDIN)}\nwarm True\n",
+    ),
     # node's bootstrap, not python's, reads the job and hands the rest to process.stdin.
     "node-exits-while-its-stdin-is-fed": Abuse(
         "process.stdin.once('data', () => process.exit(0));", STDIN, language="nodejs"
