@@ -108,7 +108,7 @@ class ZygoteHandle:
     async def _receive(self, size: int) -> tuple[bytes, list[int]]:
         assert self._sock is not None
         packet, ancdata, _, _ = await self._sock.recvmsg(
-            size, socket.CMSG_SPACE(4 * control.SPAWNED_FDS)
+            size, socket.CMSG_SPACE(4 * control.SPAWNED_FDS), socket.MSG_CMSG_CLOEXEC
         )
         fds: list[int] = []
         for level, kind, data in ancdata:

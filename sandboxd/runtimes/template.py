@@ -198,7 +198,7 @@ def relay(template: socket.socket, packet: bytes, daemon: socket.socket, worker_
     try:
         template.send(packet)
         reply, ancdata, _, _ = template.recvmsg(
-            control.MAX_PACKET, socket.CMSG_SPACE(4 * control.SPAWNED_FDS)
+            control.MAX_PACKET, socket.CMSG_SPACE(4 * control.SPAWNED_FDS), socket.MSG_CMSG_CLOEXEC
         )
     except OSError:
         reply, ancdata = b"", []

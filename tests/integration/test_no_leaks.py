@@ -117,3 +117,32 @@ def test_ten_thousand_runs_leave_only_the_live_pool(tmp_path: Path) -> None:
         assert sorted(fds_after) == sorted(fds_before)
     finally:
         stop_daemon(daemon)
+
+
+def _inheritable(pid: int) -> list[str]:
+    """The daemon's fds beyond stdio without close-on-exec, with what they point at."""
+    found = []
+    for fd in sorted(map(int, os.listdir(f"/proc/{pid}/fd"))):
+        try:
+            with open(f"/proc/{pid}/fdinfo/{fd}") as info:
+                flags = next(int(line.split()[1], 8) for line in info if line.startswith("flags"))
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue  # closed meanwhile
+        if fd > 2 and not flags & os.O_CLOEXEC:
+            found.append(f"{fd} -> {target}")
+    return found
+
+
+def test_the_daemon_holds_no_inheritable_fd_of_its_workers(tmp_path: Path) -> None:
+    # Every pool (python3, data science, node), so the fds of workers cloned by the zygote
+    # and by a template all came in over the control socket; a subprocess the daemon
+    # starts (pip, npm, a new zygote) must never inherit another run's pipes or pidfds.
+    daemon = start_daemon(tmp_path)
+    try:
+        daemon.assert_healthy()
+        assert _runs(daemon, 3) == 3
+        _settled(daemon)
+        assert _inheritable(daemon.process.pid) == []
+    finally:
+        stop_daemon(daemon)
