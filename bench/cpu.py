@@ -101,7 +101,7 @@ def _members(procs_file: str) -> list[int]:
     try:
         with open(procs_file) as handle:
             return [int(line) for line in handle if line.strip()]
-    except FileNotFoundError:
+    except OSError:  # removed, or being removed (ENODEV), as its run ended
         return []
 
 
