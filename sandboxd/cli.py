@@ -22,8 +22,9 @@ EXIT_SANDBOX_ERROR = 125
 
 DESCRIPTION = """\
 sandboxd runs untrusted Python 3 and Node.js code for multi-tenant services, in
-warm, pre-forked workers that each pivot into a read-only root, namespaced, unprivileged and
-under seccomp, and speaks the dify-sandbox HTTP API so Dify can use it as is.
+warm, pre-forked workers that each live in a private copy of a read-only root,
+namespaced, unprivileged and under seccomp, and speaks the dify-sandbox HTTP API so
+Dify can use it as is.
 """
 
 EPILOG = """\
