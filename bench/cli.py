@@ -51,7 +51,7 @@ CPU_SETTLE_SECONDS = 0.5
 # How often the ready workers' run times are sampled during a cell (bench/cpu.py
 # ReadyCosts): often enough to see most workers sit ready twice, rarely enough that
 # the bench's own reads stay out of the daemon's way.
-READY_SAMPLE_SECONDS = 0.02
+READY_SAMPLE_SECONDS = 0.05
 # A --runs cell without --duration still stops after this long.
 RUNS_TIME_CAP = 120.0
 

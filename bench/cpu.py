@@ -51,6 +51,8 @@ CPUACCT = "/sys/fs/cgroup/cpuacct"
 PIDS = "/sys/fs/cgroup/pids"
 _NS_PER_TICK = 1_000_000_000 // os.sysconf("SC_CLK_TCK")
 KTHREADD = 2
+# A worker's readiness pipe while it prepares (sandboxd/jail/contain.py READY_FD).
+READY_FD = 3
 
 
 def _stat_fields(pid: int) -> list[str] | None:
@@ -184,10 +186,13 @@ def _state(pid: int) -> str:
 class ReadyCosts:
     """What each worker cost before its job, sampled while a cell runs.
 
-    A ready worker sleeps in its read of the job and its run time stands still, while
-    one that prepares or runs a job changes it (or is runnable, when the machine is
-    loaded); so a worker seen sleeping with the same run time in two samples in a row
-    is ready, and that run time is its preparation's whole cost.
+    A worker holds its readiness pipe as fd 3 until it has said "ready" (python3 and
+    node alike close it then; before its jail's fd step fd 3 is an fd it inherited),
+    then sleeps in its read of the job, its run time standing still, while one that
+    runs a job changes it. So a worker without fd 3, seen asleep with the same run
+    time in two samples in a row, is ready, and that run time is its preparation's
+    whole cost. (A worker that sleeps while it prepares, e.g. its zygote preempted
+    between placing it and letting it go, still holds fd 3.)
     """
 
     def __init__(self, daemon_pid: int) -> None:
@@ -203,7 +208,7 @@ class ReadyCosts:
                 if pid in self.ready:
                     continue
                 ns = live_threads_ns(pid)
-                if _state(pid) != "S":
+                if _state(pid) != "S" or os.path.lexists(f"/proc/{pid}/fd/{READY_FD}"):
                     continue
                 if self._last.get(pid) == ns:
                     self.ready[pid] = (ns, _comm(pid) == "node")

@@ -83,11 +83,15 @@ def test_ready_costs_take_a_sleeping_worker_and_never_a_busy_one(tmp_path: Path)
     fake_daemon = os.getpid()
     leaf = Path(PIDS, f"sandboxd.{fake_daemon}", "g1", "w")
     leaf.mkdir(parents=True)
-    sleeper = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
-                               stdin=subprocess.PIPE)  # fmt: skip
+    # A worker that has not said "ready" holds fd 3: a sleeper that holds one is never
+    # taken, however still it sleeps.
+    sleep = "import sys; sys.stdin.read()"
+    sleeper = subprocess.Popen([sys.executable, "-c", sleep], stdin=subprocess.PIPE)
     spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    hold_fd_3 = "import os; os.dup2(os.open('/dev/null', os.O_RDONLY), 3); " + sleep
+    unready = subprocess.Popen([sys.executable, "-c", hold_fd_3], stdin=subprocess.PIPE)
     try:
-        for child in (sleeper, spinner):
+        for child in (sleeper, spinner, unready):
             (leaf / "cgroup.procs").write_text(str(child.pid))
         ready = ReadyCosts(fake_daemon)
         for _ in range(200):
@@ -100,17 +104,20 @@ def test_ready_costs_take_a_sleeping_worker_and_never_a_busy_one(tmp_path: Path)
             time.sleep(0.02)
         assert sleeper.pid in ready.ready
         assert spinner.pid not in ready.ready
+        assert unready.pid not in ready.ready
+        assert unready.poll() is None  # it slept there all along
         cost, is_node = ready.ready[sleeper.pid]
         # Its whole start-up so far: an interpreter's start is milliseconds of CPU.
         assert cost > 1_000_000 and not is_node
         assert ready.mean(node=False) == (float(cost), 1)
         assert ready.mean(node=True) is None
     finally:
-        for child in (sleeper, spinner):
+        for child in (sleeper, spinner, unready):
             child.kill()
             child.wait()
-        assert sleeper.stdin is not None
-        sleeper.stdin.close()
+            assert child.stdin is not None or child is spinner
+            if child.stdin is not None:
+                child.stdin.close()
         for path in (leaf, leaf.parent, leaf.parent.parent):
             path.rmdir()
 
