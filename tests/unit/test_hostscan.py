@@ -185,6 +185,10 @@ def test_ldd_split_over_cpus_finds_what_one_ldd_of_all_files_finds(
 def test_a_second_generation_on_an_unchanged_host_runs_no_program(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # The host held still: what another process does to dpkg's status or the loader's
+    # cache meanwhile (a make deb beside this suite ran apt) must not count as a change.
+    host = hostscan.packages()
+    monkeypatch.setattr(hostscan, "packages", lambda: host)
     config = Config()
     first = daemon.build_spec(config, False)
 
