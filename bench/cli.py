@@ -48,10 +48,6 @@ SETTLE_SECONDS = 1.0
 # Seconds after a cell before its CPU is read: the pools refill (their workers' cost
 # before the job belongs to the cell that used the workers).
 CPU_SETTLE_SECONDS = 0.5
-# How often the ready workers' run times are sampled during a cell (bench/cpu.py
-# ReadyCosts): often enough to see most workers sit ready twice, rarely enough that
-# the bench's own reads stay out of the daemon's way.
-READY_SAMPLE_SECONDS = 0.05
 # A --runs cell without --duration still stops after this long.
 RUNS_TIME_CAP = 120.0
 
@@ -251,18 +247,12 @@ class DaemonBench:
     async def _cell(self, daemon: daemons.Daemon, workload: Workload, clients: int) -> Cell:
         node = workload.language == "nodejs"
         before = self._cpu(node)
-        ready = cpu.ReadyCosts(self.pid) if before is not None and self.pid else None
-        # Sampled through the settling too: the workers made then count like the others.
-        async with trio.open_nursery() as sampling:
-            if ready is not None:
-                sampling.start_soon(_sample_ready, ready)
-            async with sandboxd_clients(
-                daemon.socket, workload, clients, self.args.connections
-            ) as runners:
-                tally, seconds = await run_cell(runners, _budget(self.args))
-            if before is not None:
-                await trio.sleep(CPU_SETTLE_SECONDS)
-            sampling.cancel_scope.cancel()
+        async with sandboxd_clients(
+            daemon.socket, workload, clients, self.args.connections
+        ) as runners:
+            tally, seconds = await run_cell(runners, _budget(self.args))
+        if before is not None:
+            await trio.sleep(CPU_SETTLE_SECONDS)
         after = self._cpu(node)
         if daemon.process is not None and daemon.process.returncode is not None:
             raise daemons.DaemonFailed(
@@ -272,21 +262,13 @@ class DaemonBench:
         cell = summarize(self.system, workload.title, clients, tally, seconds)
         if before is None or after is None:
             return cell
-        prepared = ready.mean(node) if ready is not None else None
-        split = cpu.breakdown(before, after, tally.cpu_runs, tally.cpu_ms, prepared)
+        split = cpu.breakdown(before, after, tally.cpu_runs, tally.cpu_ms)
         return msgspec.structs.replace(cell, cpu=split)
 
     def _cpu(self, node: bool) -> cpu.Snapshot | None:
         if self.tree is None or self.pid is None:
             return None
         return cpu.take(self.tree, self.pid, node)
-
-
-async def _sample_ready(ready: cpu.ReadyCosts) -> None:
-    """ReadyCosts.sample() every READY_SAMPLE_SECONDS until cancelled."""
-    while True:
-        ready.sample()
-        await trio.sleep(READY_SAMPLE_SECONDS)
 
 
 async def baseline_cells(

@@ -25,11 +25,8 @@ run are then:
 
 - daemon, zygote: their deltas (zygote: the processes alive at both ends);
 - worker before the job: the mean CPU of a ready worker (what a worker cost
-  before it had a job), per run, plus the change of the ready workers' total over
-  the cell. The mean is over the workers ReadyCosts saw ready during the cell (a
-  worker's run time that two samples in a row found unchanged while it slept:
-  each one's own cost, whenever it was prepared), else over those ready at the
-  cell's ends;
+  before it had a job; the ready ones at both ends of the cell, is_ready), per
+  run, plus the change of the ready workers' total over the cell;
 - worker running the job: the runs' `cpu_ms` less that mean (it includes the
   worker's exit and, with it, its pid namespace's and mounts' teardown);
 - other: what is left of the tree's count (any process that started or died
@@ -183,43 +180,14 @@ def _state(pid: int) -> str:
     return "" if fields is None else fields[0]
 
 
-class ReadyCosts:
-    """What each worker cost before its job, sampled while a cell runs.
-
-    A worker holds its readiness pipe as fd 3 until it has said "ready" (python3 and
-    node alike close it then; before its jail's fd step fd 3 is an fd it inherited),
-    then sleeps in its read of the job, its run time standing still, while one that
-    runs a job changes it. So a worker without fd 3, seen asleep with the same run
-    time in two samples in a row, is ready, and that run time is its preparation's
-    whole cost. (A worker that sleeps while it prepares, e.g. its zygote preempted
-    between placing it and letting it go, still holds fd 3.)
-    """
-
-    def __init__(self, daemon_pid: int) -> None:
-        self.daemon_pid = daemon_pid
-        self._last: dict[int, int] = {}
-        # Ready cost in ns, and whether the worker is a node one, by pid.
-        self.ready: dict[int, tuple[int, bool]] = {}
-
-    def sample(self) -> None:
-        last: dict[int, int] = {}
-        for leaf in worker_leaves(self.daemon_pid):
-            for pid in leaf:
-                if pid in self.ready:
-                    continue
-                ns = live_threads_ns(pid)
-                if _state(pid) != "S" or os.path.lexists(f"/proc/{pid}/fd/{READY_FD}"):
-                    continue
-                if self._last.get(pid) == ns:
-                    self.ready[pid] = (ns, _comm(pid) == "node")
-                else:
-                    last[pid] = ns
-        self._last = last
-
-    def mean(self, node: bool) -> tuple[float, int] | None:
-        """The mean ready cost (ns) of the workers of one kind, and how many; None if none."""
-        costs = [ns for ns, is_node in self.ready.values() if is_node == node]
-        return (sum(costs) / len(costs), len(costs)) if costs else None
+def is_ready(pid: int) -> bool:
+    """Whether a worker has said "ready" and waits for its job: it holds its readiness
+    pipe as fd 3 until then (python3 and node alike close it; before its jail's fd step
+    fd 3 is an fd it inherited), and it is asleep in its read of the job after. A worker
+    that sleeps while it prepares (a node one mid-start-up, a python one whose zygote
+    was preempted before letting it go) still holds fd 3, and half its cost is no
+    measure of a worker's preparation."""
+    return _state(pid) == "S" and not os.path.lexists(f"/proc/{pid}/fd/{READY_FD}")
 
 
 def _comm(pid: int) -> str:
@@ -234,7 +202,7 @@ def take(tree: TreeCgroup, daemon_pid: int, node: bool) -> Snapshot:
     """The counters now; `node` picks which ready workers the before-job mean is over."""
     leaves = worker_leaves(daemon_pid)
     workers = {pid for leaf in leaves for pid in leaf}
-    like = [leaf for leaf in leaves if (_comm(leaf[0]) == "node") == node]
+    like = [leaf for leaf in leaves if (_comm(leaf[0]) == "node") == node and is_ready(leaf[0])]
     others = set(tree.members()) - workers - {daemon_pid}
     return Snapshot(
         tree_ns=tree.usage_ns(),
@@ -265,16 +233,8 @@ class Breakdown(msgspec.Struct, frozen=True):
     ready_workers: int  # workers the "before job" mean was taken over
 
 
-def breakdown(
-    before: Snapshot,
-    after: Snapshot,
-    runs: int,
-    runs_cpu_ms: float,
-    prepared: tuple[float, int] | None = None,
-) -> Breakdown:
-    """The roles per run between two snapshots around `runs` runs whose cpu_ms sum is
-    given; `prepared` is ReadyCosts.mean() of the cell (else the snapshots' ready
-    workers give the mean)."""
+def breakdown(before: Snapshot, after: Snapshot, runs: int, runs_cpu_ms: float) -> Breakdown:
+    """The roles per run between two snapshots around `runs` runs whose cpu_ms sum is given."""
     per_run = 1e6 * max(1, runs)  # ns -> ms per run
     tree = after.tree_ns - before.tree_ns
     daemon = after.daemon_ns - before.daemon_ns
@@ -282,12 +242,9 @@ def breakdown(
         ns - before.others[pid] for pid, ns in after.others.items() if pid in before.others
     )
     workers = runs_cpu_ms * 1e6 - before.ready_ns + after.ready_ns
-    sampled = after if after.like_workers else before
-    if prepared is None:
-        count = sampled.like_workers
-        prepared_each = sampled.like_ns / count if count else 0.0
-    else:
-        prepared_each, count = prepared
+    # The ready workers at both ends: those made before the cell and those made during it.
+    count = before.like_workers + after.like_workers
+    prepared_each = (before.like_ns + after.like_ns) / count if count else 0.0
     job = runs_cpu_ms * 1e6 - runs * prepared_each
     roles = {
         "daemon": daemon / per_run,

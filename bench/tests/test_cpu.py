@@ -6,6 +6,7 @@ property test checks the arithmetic for any counters.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -17,7 +18,16 @@ from pathlib import Path
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bench.cpu import PIDS, ROLES, ReadyCosts, Snapshot, TreeCgroup, breakdown, take
+from bench.cpu import (
+    PIDS,
+    ROLES,
+    Snapshot,
+    TreeCgroup,
+    breakdown,
+    is_ready,
+    live_threads_ns,
+    take,
+)
 from bench.floor import OPERATIONS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -77,49 +87,53 @@ def test_tree_cgroup_counts_a_wrapped_command_and_its_children() -> None:
     assert not os.path.exists(tree.path)
 
 
-def test_ready_costs_take_a_sleeping_worker_and_never_a_busy_one(tmp_path: Path) -> None:
-    # A stand-in daemon's per-run pids cgroup (cpu.worker_leaves reads its leaves) with
-    # a process asleep in a read, as a ready worker is, and one that keeps computing.
+def test_only_workers_that_said_ready_give_the_mean_before_the_job() -> None:
+    # A stand-in daemon's per-run pids cgroups (cpu.worker_leaves reads its leaves): a
+    # process asleep in a read, as a ready worker is; one that keeps computing, as one
+    # running its job; and one asleep that holds fd 3, as a worker not ready yet.
     fake_daemon = os.getpid()
-    leaf = Path(PIDS, f"sandboxd.{fake_daemon}", "g1", "w")
-    leaf.mkdir(parents=True)
-    # A worker that has not said "ready" holds fd 3: a sleeper that holds one is never
-    # taken, however still it sleeps.
+    top = Path(PIDS, f"sandboxd.{fake_daemon}", "g1")
     sleep = "import sys; sys.stdin.read()"
+    hold_fd_3 = "import os; os.dup2(os.open('/dev/null', os.O_RDONLY), 3); " + sleep
     sleeper = subprocess.Popen([sys.executable, "-c", sleep], stdin=subprocess.PIPE)
     spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
-    hold_fd_3 = "import os; os.dup2(os.open('/dev/null', os.O_RDONLY), 3); " + sleep
     unready = subprocess.Popen([sys.executable, "-c", hold_fd_3], stdin=subprocess.PIPE)
+    children = (sleeper, spinner, unready)
+    tree = TreeCgroup(f"sandboxd-bench-test.{os.getpid()}")
     try:
-        for child in (sleeper, spinner, unready):
+        for number, child in enumerate(children):
+            leaf = top / f"w{number}"
+            leaf.mkdir(parents=True)
             (leaf / "cgroup.procs").write_text(str(child.pid))
-        ready = ReadyCosts(fake_daemon)
-        for _ in range(200):
-            ready.sample()
-            if sleeper.pid in ready.ready:
+        for _ in range(500):  # until both interpreters have started and sleep
+            if is_ready(sleeper.pid) and _asleep(unready.pid):
                 break
-            time.sleep(0.02)
-        for _ in range(10):  # the spinner has had as many chances as the sleeper
-            ready.sample()
-            time.sleep(0.02)
-        assert sleeper.pid in ready.ready
-        assert spinner.pid not in ready.ready
-        assert unready.pid not in ready.ready
-        assert unready.poll() is None  # it slept there all along
-        cost, is_node = ready.ready[sleeper.pid]
-        # Its whole start-up so far: an interpreter's start is milliseconds of CPU.
-        assert cost > 1_000_000 and not is_node
-        assert ready.mean(node=False) == (float(cost), 1)
-        assert ready.mean(node=True) is None
+            time.sleep(0.01)
+        assert is_ready(sleeper.pid)
+        assert not is_ready(spinner.pid)
+        assert not is_ready(unready.pid) and _asleep(unready.pid)
+        snapshot = take(tree, fake_daemon, node=False)
+        assert snapshot.like_workers == 1
+        # The sleeper's whole start-up: an interpreter's start is milliseconds of CPU.
+        assert snapshot.like_ns == live_threads_ns(sleeper.pid) > 1_000_000
+        assert take(tree, fake_daemon, node=True).like_workers == 0
     finally:
-        for child in (sleeper, spinner, unready):
+        for child in children:
             child.kill()
             child.wait()
-            assert child.stdin is not None or child is spinner
             if child.stdin is not None:
                 child.stdin.close()
-        for path in (leaf, leaf.parent, leaf.parent.parent):
-            path.rmdir()
+        for number in range(len(children)):
+            with contextlib.suppress(FileNotFoundError):
+                (top / f"w{number}").rmdir()
+        top.rmdir()
+        top.parent.rmdir()
+        tree.remove()
+
+
+def _asleep(pid: int) -> bool:
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rsplit(")", 1)[1].split()[0] == "S"
 
 
 _counts = st.integers(min_value=0, max_value=10**12)
@@ -143,16 +157,11 @@ def _snapshots(draw: st.DrawFn) -> Snapshot:
     _snapshots(),
     st.integers(min_value=0, max_value=10**6),
     st.floats(min_value=0, max_value=1e7),
-    st.none() | st.tuples(st.floats(min_value=0, max_value=1e11), st.integers(1, 64)),
 )
 def test_roles_always_add_up_to_the_trees_count(
-    before: Snapshot,
-    after: Snapshot,
-    runs: int,
-    runs_cpu_ms: float,
-    prepared: tuple[float, int] | None,
+    before: Snapshot, after: Snapshot, runs: int, runs_cpu_ms: float
 ) -> None:
-    split = breakdown(before, after, runs, runs_cpu_ms, prepared)
+    split = breakdown(before, after, runs, runs_cpu_ms)
     assert list(split.roles) == list(ROLES)
     scale = max(1.0, abs(split.total_ms), *(abs(v) for v in split.roles.values()))
     assert math.isclose(sum(split.roles.values()), split.total_ms, abs_tol=1e-9 * scale)
