@@ -44,12 +44,12 @@ from collections.abc import Iterable
 
 import msgspec
 
+from sandboxd.jail.contain import READY_FD
+
 CPUACCT = "/sys/fs/cgroup/cpuacct"
 PIDS = "/sys/fs/cgroup/pids"
 _NS_PER_TICK = 1_000_000_000 // os.sysconf("SC_CLK_TCK")
 KTHREADD = 2
-# A worker's readiness pipe while it prepares (sandboxd/jail/contain.py READY_FD).
-READY_FD = 3
 
 
 def _stat_fields(pid: int) -> list[str] | None:
