@@ -297,7 +297,7 @@ class Generation:
 
     async def _retire_worker(self, worker: WorkerHandle) -> None:
         if worker.exited is None:
-            await worker.kill()
+            worker.kill()
             with trio.move_on_after(10):
                 await worker.wait_exit()
         # The uid is free once no process of the run is left: its cgroup shows that

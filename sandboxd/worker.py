@@ -126,15 +126,12 @@ class WorkerHandle:
         reason = exited.setup_error or f"worker {status} before it was ready"
         raise ProtocolError("internal", f"worker setup failed: {reason}")
 
-    def _kill(self) -> None:
+    def kill(self) -> None:
         if self.exited is None:
             try:
                 signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
             except ProcessLookupError:
                 pass  # exited already, not reaped yet
-
-    async def kill(self) -> None:
-        self._kill()
 
     def gone(self) -> bool:
         """Whether a ready worker has exited since (e.g. it was killed)."""
@@ -194,7 +191,7 @@ class WorkerHandle:
             sink += chunk[: max(room, 0)]
             if not output.exceeded:
                 output.exceeded = True
-                self._kill()
+                self.kill()
         else:
             sink += chunk
 
@@ -253,7 +250,7 @@ class WorkerHandle:
                 await self._serve(events, output, self._reaped)
             if self.exited is None:
                 timed_out = True
-                self._kill()
+                self.kill()
                 with trio.fail_after(KILL_GRACE):
                     await self._serve(events, output, self._reaped)
             # What the run wrote before it exited is in the pipes already: read it
